@@ -1,0 +1,123 @@
+"""``NSPOConfig``: ``GRPOConfig`` plus the ``nspo_*`` fields of null-space constrained training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig
+
+from nspo_trl.nullspace.rule import NullSpaceRule
+from nspo_trl.nullspace.targets import PRESETS
+
+
+@dataclass
+class NSPOConfig(GRPOConfig):
+    r"""
+    Configuration for [`NSPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the ones below.
+
+    For each protected linear layer ``W`` (``out × in``), NSPO collects ``C = Σ x xᵀ`` over its inputs
+    on the preservation data at the reference model, keeps the eigenvectors of ``C`` with
+    ``λ ≤ nspo_alpha · λ_max`` as the null space (projector ``P``), and after every
+    ``nspo_project_every`` optimizer steps sets ``W ← W_ref + (W − W_ref) P``.
+
+    Parameters:
+        nspo_target_modules (`list[str]`, defaults to `["mlp"]`):
+            Layers to protect: presets `mlp` (the paper's choice), `attention`, `full` (every linear
+            incl. `lm_head`, with everything else frozen), or regexes searched in module names such as
+            `model.layers.0.mlp.down_proj`.
+        nspo_alpha (`float`, defaults to `5e-5`):
+            Relative eigenvalue threshold: directions with `λ ≤ alpha·λ_max` form the null space.
+        nspo_energy (`float` or `None`):
+            Optional: the top directions carrying this fraction of `tr(C)` are always kept as range.
+        nspo_max_null_rank (`int` or `None`):
+            Optional cap on the null dimension of each layer.
+        nspo_project_every (`int`, defaults to `1`):
+            Project after every this many optimizer steps (and always before a checkpoint and at the
+            end). `1` keeps every weight the model, vLLM and checkpoints see inside the null space;
+            `0` disables the projection (plain GRPO that still logs leakage).
+        nspo_num_preservation_samples (`int` or `None`):
+            Use at most this many preservation examples (the first ones); `None` uses all.
+        nspo_preservation_max_length (`int`, defaults to `512`):
+            Truncate each preservation example to this many tokens.
+        nspo_preservation_batch_size (`int`, defaults to `8`):
+            Batch size of the covariance collection forward passes.
+        nspo_heldout_fraction (`float`, defaults to `0.1`):
+            Fraction of preservation examples kept out of `C` to measure leakage on unseen data.
+        nspo_probe_tokens (`int`, defaults to `1024`):
+            Tokens per layer group kept (uniformly sampled) to measure leakage.
+        nspo_covariance_dtype (`str`, defaults to `"float64"`):
+            Accumulation dtype of `C`: `float64` (exact enough for any α) or `float32` (half the memory).
+        nspo_projector_path (`str` or `None`):
+            Projector cache directory: loaded if it exists (and must match this model, data and rule),
+            otherwise built and written there.
+    """
+
+    nspo_target_modules: list[str] = field(
+        default_factory=lambda: ["mlp"],
+        metadata={"help": "Protected layers: presets mlp|attention|full or regexes over module names."},
+    )
+    nspo_alpha: float = field(default=5e-5, metadata={"help": "Null space: eigenvalues <= alpha * lambda_max."})
+    nspo_energy: float | None = field(
+        default=None, metadata={"help": "Optional: top directions with this fraction of tr(C) stay range."}
+    )
+    nspo_max_null_rank: int | None = field(default=None, metadata={"help": "Optional cap on null dimensions."})
+    nspo_project_every: int = field(
+        default=1, metadata={"help": "Project every N optimizer steps (0 disables the projection)."}
+    )
+    nspo_num_preservation_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many preservation examples."}
+    )
+    nspo_preservation_max_length: int = field(default=512, metadata={"help": "Tokens per preservation example."})
+    nspo_preservation_batch_size: int = field(default=8, metadata={"help": "Batch size of covariance collection."})
+    nspo_heldout_fraction: float = field(
+        default=0.1, metadata={"help": "Preservation examples held out of C to measure leakage."}
+    )
+    nspo_probe_tokens: int = field(default=1024, metadata={"help": "Token rows per layer group for leakage."})
+    nspo_covariance_dtype: str = field(
+        default="float64", metadata={"help": "Covariance accumulation dtype.", "choices": ["float64", "float32"]}
+    )
+    nspo_projector_path: str | None = field(
+        default=None, metadata={"help": "Projector cache directory (loaded if present, else written)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.nspo_target_modules, str):
+            self.nspo_target_modules = [self.nspo_target_modules]
+        if not self.nspo_target_modules:
+            raise ValueError(f"nspo_target_modules: empty; use one of {sorted(PRESETS)} or a regex.")
+        _ = self.nullspace_rule  # validates alpha / energy / rank cap with field-named errors
+        checks = [
+            (self.nspo_project_every >= 0, "nspo_project_every", "must be >= 0 (0 disables the projection)"),
+            (self.nspo_preservation_max_length >= 1, "nspo_preservation_max_length", "must be >= 1"),
+            (self.nspo_preservation_batch_size >= 1, "nspo_preservation_batch_size", "must be >= 1"),
+            (0.0 <= self.nspo_heldout_fraction < 1.0, "nspo_heldout_fraction", "must lie in [0, 1)"),
+            (self.nspo_probe_tokens >= 1, "nspo_probe_tokens", "must be >= 1"),
+            (
+                self.nspo_num_preservation_samples is None or self.nspo_num_preservation_samples >= 1,
+                "nspo_num_preservation_samples",
+                "must be >= 1 or unset",
+            ),
+            (
+                self.nspo_covariance_dtype in ("float64", "float32"),
+                "nspo_covariance_dtype",
+                "must be 'float64' or 'float32'",
+            ),
+        ]
+        for ok, name, requirement in checks:
+            if not ok:
+                raise ValueError(f"{name} {requirement}, got {getattr(self, name)!r}.")
+
+    @property
+    def nullspace_rule(self) -> NullSpaceRule:
+        return NullSpaceRule(alpha=self.nspo_alpha, energy=self.nspo_energy, max_null_rank=self.nspo_max_null_rank)
+
+    @property
+    def covariance_torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.nspo_covariance_dtype)
+
+    @property
+    def freezes_non_targets(self) -> bool:
+        """The ``full`` preset freezes every parameter that is not a protected weight."""
+        return "full" in self.nspo_target_modules

@@ -1,0 +1,201 @@
+"""Streaming preservation statistics from forward hooks on the reference model.
+
+For each protected ``nn.Linear`` (input width ``n``) and every non-padding token ``t`` of the
+preservation data, the layer input is ``x_t ∈ R^n``. The collector accumulates
+
+    C = Σ_t x_t x_tᵀ  ∈ R^{n×n}        (float64 or float32, streamed batch by batch)
+
+without keeping activations, and optionally keeps a uniform random sample of up to ``s`` rows
+``x_t`` (``(s, n)``, float32) to measure leakage ``‖(W − W_ref) Xᵀ‖ / ‖W_ref Xᵀ‖`` later.
+
+Layers that read the *same tensor* in a forward pass (Llama/Qwen: ``q/k/v_proj``;
+``gate_proj``/``up_proj``) are detected on the first batch and share one ``C`` and one
+sample: only the group's first module accumulates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class CovarianceCollector:
+    """Accumulates per-group covariances (and token samples) while the model runs forward.
+
+    Usage::
+
+        collector = CovarianceCollector(modules, dtype=torch.float64, sample_tokens=512)
+        with collector.hooks():
+            for batch in batches:
+                collector.set_mask(batch["attention_mask"])
+                model(**batch)
+        collector.all_reduce()          # no-op unless torch.distributed is initialised
+        collector.covariances           # {group: (n, n)}
+        collector.groups                # {module name: group}
+
+    Args:
+        modules: protected layers by name; the hook reads each one's first positional input.
+        dtype: accumulation dtype of ``C`` (``torch.float64`` or ``torch.float32``).
+        sample_tokens: rows of ``x`` to keep per group for leakage probes (0: none).
+        seed: seed of the sampling generator (token choice is shared across groups).
+        accumulate_covariance: ``False`` keeps only the token samples (held-out probes).
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        dtype: torch.dtype = torch.float64,
+        sample_tokens: int = 0,
+        seed: int = 0,
+        accumulate_covariance: bool = True,
+    ) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"nspo_covariance_dtype must be float32 or float64, got {dtype}")
+        self.modules = dict(modules)
+        self.dtype = dtype
+        self.sample_tokens = sample_tokens
+        self.accumulate_covariance = accumulate_covariance
+        self.groups: dict[str, str] = {}
+        self.covariances: dict[str, torch.Tensor] = {}
+        self.token_counts: dict[str, int] = {}
+        self._samples: dict[str, torch.Tensor] = {}
+        self._sample_keys: dict[str, torch.Tensor] = {}
+        self._generator = torch.Generator().manual_seed(seed)
+        self._mask: torch.Tensor | None = None
+        self._batch_keys: torch.Tensor | None = None
+        self._first_batch_inputs: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ driving
+    def set_mask(self, attention_mask: torch.Tensor) -> None:
+        """Set the ``(batch, seq)`` mask of real tokens for the next forward pass."""
+        self._mask = attention_mask.bool()
+        if self.sample_tokens:
+            # one random priority per real token, shared by every group: the kept rows are the
+            # globally smallest priorities, i.e. a uniform sample without replacement
+            self._batch_keys = torch.rand(int(self._mask.sum()), generator=self._generator)
+        if not self.groups:
+            self._first_batch_inputs = {}
+
+    @contextmanager
+    def hooks(self):
+        handles = [m.register_forward_pre_hook(self._make_hook(name)) for name, m in self.modules.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._first_batch_inputs = None
+
+    def finish_grouping(self) -> None:
+        """Turn the first batch's input identities into groups (called after the first forward)."""
+        if self.groups or self._first_batch_inputs is None:
+            return
+        missing = [name for name in self.modules if name not in self._first_batch_inputs]
+        if missing:
+            raise RuntimeError(f"protected modules never ran on preservation data: {missing[:5]}")
+        leaders: list[tuple[torch.Tensor, str]] = []
+        for name, x in self._first_batch_inputs.items():
+            leader = next((lead for seen, lead in leaders if seen is x), None)
+            if leader is None:
+                leaders.append((x, name))
+                leader = name
+            self.groups[name] = leader
+        # the first batch was accumulated by every module; keep one copy per group
+        for name, leader in self.groups.items():
+            if name != leader:
+                self.covariances.pop(name, None)
+                self.token_counts.pop(name, None)
+                self._samples.pop(name, None)
+                self._sample_keys.pop(name, None)
+        self._first_batch_inputs = None
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if self._first_batch_inputs is not None:
+                # holding the reference keeps the tensor alive, so identity stays meaningful
+                self._first_batch_inputs[name] = x
+            elif self.groups.get(name, name) != name:
+                return  # a follower: its leader accumulates the shared input
+            self._accumulate(name, x)
+
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        if self._mask is None:
+            raise RuntimeError("call set_mask(attention_mask) before each forward pass")
+        if tuple(x.shape[:-1]) != tuple(self._mask.shape):
+            raise RuntimeError(f"{name}: input shape {tuple(x.shape)} does not match mask {tuple(self._mask.shape)}")
+        rows = x.detach()[self._mask.to(x.device)].to(self.dtype)  # (tokens, n)
+        self.token_counts[name] = self.token_counts.get(name, 0) + rows.shape[0]
+        if self.accumulate_covariance:
+            cov = self.covariances.get(name)
+            if cov is None:
+                n = rows.shape[-1]
+                cov = self.covariances[name] = torch.zeros(n, n, dtype=self.dtype, device=rows.device)
+            cov.addmm_(rows.T, rows)
+        if self.sample_tokens:
+            self._keep_sample(name, rows.float().cpu())
+
+    def _keep_sample(self, name: str, rows: torch.Tensor) -> None:
+        keys = self._batch_keys
+        if name in self._samples:
+            rows = torch.cat([self._samples[name], rows])
+            keys = torch.cat([self._sample_keys[name], keys])
+        if keys.numel() > self.sample_tokens:
+            keep = torch.topk(keys, self.sample_tokens, largest=False).indices.sort().values
+            rows, keys = rows[keep], keys[keep]
+        self._samples[name], self._sample_keys[name] = rows, keys
+
+    # ------------------------------------------------------------------ results
+    def all_reduce(self) -> None:
+        """Sum covariances and token counts over data-parallel ranks (each rank saw its own shard)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for group in sorted(self.covariances):
+            dist.all_reduce(self.covariances[group])
+            count = torch.tensor(
+                [self.token_counts[group]], dtype=torch.float64, device=self.covariances[group].device
+            )
+            dist.all_reduce(count)
+            self.token_counts[group] = int(count.item())
+
+    @property
+    def samples(self) -> dict[str, torch.Tensor]:
+        """Per-group ``(s, n)`` float32 token samples (this rank's data)."""
+        return dict(self._samples)
+
+
+def run_collection(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    collector: CovarianceCollector,
+    progress: bool = False,
+    description: str = "NSPO preservation activations",
+    total: int | None = None,
+) -> CovarianceCollector:
+    """Run ``model`` (eval mode, no grad) over ``batches`` with the collector's hooks attached.
+
+    Each batch needs ``input_ids`` and ``attention_mask`` (``(batch, seq)``); the model's
+    train/eval mode is restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), collector.hooks():
+            for batch in tqdm(batches, desc=description, disable=not progress, total=total):
+                input_ids = batch["input_ids"].to(device)
+                attention_mask = batch["attention_mask"].to(device)
+                collector.set_mask(attention_mask)
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                collector.finish_grouping()
+    finally:
+        model.train(was_training)
+    return collector

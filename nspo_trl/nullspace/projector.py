@@ -1,0 +1,265 @@
+"""Null-space projectors in factor form, and their storage.
+
+For one group of linear layers that read the same input ``x ∈ R^n`` the covariance
+``C = U Λ Uᵀ`` (``torch.linalg.eigh``, eigenvalues ascending) splits ``R^n`` into the null
+space ``U_0 = U[:, :k]`` (eigenvalues the rule calls negligible) and the range
+``U_r = U[:, k:]``. The projector is ``P = U_0 U_0ᵀ = I − U_r U_rᵀ`` (``n × n``, symmetric,
+idempotent). It is never stored densely: a :class:`SubspaceFactor` keeps whichever basis is
+thinner, ``U_0`` (``n × k``) when ``k ≤ n − k`` and ``U_r`` (``n × (n − k)``) otherwise, and
+applies ``D ↦ D P`` to any ``D`` of shape ``(…, n)`` in ``O(|D| · min(k, n − k))``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nspo_trl.nullspace.rule import NullSpaceRule
+
+FORMAT_VERSION = 1
+FACTORS_FILE = "projector.safetensors"
+PROBES_FILE = "probes.safetensors"
+METADATA_FILE = "projector.json"
+
+
+@dataclass
+class SubspaceFactor:
+    """``P`` for one input space, as a thin orthonormal basis.
+
+    Attributes:
+        basis: ``(n, d)`` with orthonormal columns, ``d = min(k, n − k)``.
+        kind: ``"null"`` when ``basis = U_0`` (``P = B Bᵀ``), ``"range"`` when ``basis = U_r``
+            (``P = I − B Bᵀ``).
+        eigenvalues: ``(n,)`` float64 eigenvalues of ``C``, ascending (kept for stats/plots).
+        null_dim: ``k``.
+    """
+
+    basis: torch.Tensor
+    kind: Literal["null", "range"]
+    eigenvalues: torch.Tensor
+    null_dim: int
+
+    @property
+    def in_features(self) -> int:
+        return self.basis.shape[0]
+
+    @classmethod
+    def from_covariance(
+        cls, covariance: torch.Tensor, rule: NullSpaceRule, basis_dtype: torch.dtype = torch.float32
+    ) -> SubspaceFactor:
+        """Eigendecompose a symmetric PSD ``(n, n)`` covariance (in float64) and keep the thin basis."""
+        cov = covariance.detach().to(torch.float64)
+        cov = 0.5 * (cov + cov.T)  # symmetrize away accumulation round-off before eigh
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        n = cov.shape[0]
+        k = rule.null_dim(eigenvalues)
+        if k <= n - k:
+            basis, kind = eigenvectors[:, :k], "null"
+        else:
+            basis, kind = eigenvectors[:, k:], "range"
+        return cls(basis.to(basis_dtype).contiguous(), kind, eigenvalues.cpu(), k)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SubspaceFactor:
+        return SubspaceFactor(self.basis.to(device=device, dtype=dtype), self.kind, self.eigenvalues, self.null_dim)
+
+    def apply(self, delta: torch.Tensor) -> torch.Tensor:
+        """Return ``delta @ P`` for ``delta`` of shape ``(…, n)``, in ``delta``'s dtype and device."""
+        basis = self.basis.to(device=delta.device, dtype=delta.dtype)
+        along_basis = (delta @ basis) @ basis.T
+        return along_basis if self.kind == "null" else delta - along_basis
+
+    def dense(self) -> torch.Tensor:
+        """The explicit ``(n, n)`` projector (for tests and small layers only)."""
+        eye = torch.eye(self.in_features, dtype=self.basis.dtype, device=self.basis.device)
+        return self.apply(eye)
+
+    def stats(self) -> dict:
+        lam = self.eigenvalues.clamp_min(0.0)
+        lam_max = float(lam[-1])
+        k = self.null_dim
+        return {
+            "in_features": self.in_features,
+            "null_dim": k,
+            "null_fraction": k / self.in_features,
+            "stored": self.kind,
+            "stored_dim": self.basis.shape[1],
+            "lambda_max": lam_max,
+            # largest eigenvalue declared null, relative to λmax (≤ alpha by construction)
+            "null_lambda_rel": float(lam[k - 1]) / lam_max if k else None,
+            # fraction of the preservation energy tr(C) that lies in the null space
+            "null_energy_fraction": float(lam[:k].sum() / lam.sum()) if k else 0.0,
+        }
+
+
+@dataclass
+class NullSpaceProjector:
+    """Projectors for every protected layer of a model.
+
+    ``factors`` maps a *group* (the first module of a set of layers that read the same input,
+    e.g. ``gate_proj``/``up_proj`` in Llama/Qwen MLPs) to its :class:`SubspaceFactor`;
+    ``groups`` maps each protected module name to its group. ``metadata`` records what the
+    projector was built from (rule, model fingerprint, data hash, token counts) so a cached one
+    is only reused for the same inputs. ``probes`` holds reference-model input rows per split
+    (``"fit"``: the data ``C`` was built from; ``"heldout"``: preservation data it never saw),
+    ``{split: {group: (t, n) float32}}``, for measuring leakage during training.
+    """
+
+    factors: dict[str, SubspaceFactor]
+    groups: dict[str, str]
+    rule: NullSpaceRule
+    metadata: dict = field(default_factory=dict)
+    probes: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    @classmethod
+    def from_covariances(
+        cls,
+        covariances: Mapping[str, torch.Tensor],
+        groups: Mapping[str, str],
+        rule: NullSpaceRule,
+        metadata: dict | None = None,
+        probes: dict[str, dict[str, torch.Tensor]] | None = None,
+        progress: bool = False,
+    ) -> NullSpaceProjector:
+        """Build every group's factor from its ``(n, n)`` covariance."""
+        from tqdm.auto import tqdm
+
+        factors = {
+            group: SubspaceFactor.from_covariance(cov, rule)
+            for group, cov in tqdm(covariances.items(), desc="NSPO eigendecompositions", disable=not progress)
+        }
+        return cls(factors, dict(groups), rule, dict(metadata or {}), dict(probes or {}))
+
+    def factor_for(self, module_name: str) -> SubspaceFactor:
+        return self.factors[self.groups[module_name]]
+
+    def apply(self, module_name: str, delta: torch.Tensor) -> torch.Tensor:
+        """``delta @ P`` for the projector of ``module_name`` (``delta``: ``(out, in)`` or ``(r, in)``)."""
+        return self.factor_for(module_name).apply(delta)
+
+    def modules(self) -> Iterator[str]:
+        return iter(self.groups)
+
+    def frozen_modules(self) -> list[str]:
+        """Modules whose null space is empty (``P = 0``): they cannot change at all."""
+        return [m for m, g in self.groups.items() if self.factors[g].null_dim == 0]
+
+    def to(self, device: torch.device | str) -> NullSpaceProjector:
+        factors = {g: f.to(device) for g, f in self.factors.items()}
+        return NullSpaceProjector(factors, self.groups, self.rule, self.metadata, self.probes)
+
+    def stats(self) -> dict[str, dict]:
+        """Per-group statistics, with the member modules listed."""
+        members: dict[str, list[str]] = {}
+        for module, group in self.groups.items():
+            members.setdefault(group, []).append(module)
+        return {g: {**f.stats(), "modules": members[g]} for g, f in self.factors.items()}
+
+    def summary(self) -> dict:
+        """Totals over all groups: null dimensions and storage."""
+        total_in = sum(f.in_features for f in self.factors.values())
+        total_null = sum(f.null_dim for f in self.factors.values())
+        stored = sum(f.basis.numel() for f in self.factors.values())
+        dense = sum(f.in_features**2 for f in self.factors.values())
+        return {
+            "groups": len(self.factors),
+            "modules": len(self.groups),
+            "frozen_modules": len(self.frozen_modules()),
+            "null_dim_total": total_null,
+            "in_features_total": total_in,
+            "null_fraction": total_null / total_in if total_in else 0.0,
+            "stored_elements": stored,
+            "dense_elements": dense,
+        }
+
+    # ------------------------------------------------------------------ storage
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``projector.safetensors`` (bases + eigenvalues) and ``projector.json`` atomically.
+
+        Files are written into a temporary sibling directory and moved into place, so a crash
+        never leaves a half-written projector behind.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for index, (_group, factor) in enumerate(self.factors.items()):
+            tensors[f"{index}.basis"] = factor.basis.detach().cpu().contiguous()
+            tensors[f"{index}.eigenvalues"] = factor.eigenvalues.detach().cpu().contiguous()
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "rule": self.rule.to_dict(),
+            "groups": self.groups,
+            "factors": [{"group": g, "kind": f.kind, "null_dim": f.null_dim} for g, f in self.factors.items()],
+            "metadata": self.metadata,
+            "stats": self.stats(),
+        }
+        index_of = {group: i for i, group in enumerate(self.factors)}
+        probes = {
+            f"{split}.{index_of[group]}": rows.detach().cpu().contiguous()
+            for split, by_group in self.probes.items()
+            for group, rows in by_group.items()
+        }
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        save_file(tensors, str(staging / FACTORS_FILE))
+        save_file(probes, str(staging / PROBES_FILE))
+        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        _replace_directory(staging, directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> NullSpaceProjector:
+        directory = Path(directory)
+        meta_path, tensor_path = directory / METADATA_FILE, directory / FACTORS_FILE
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise FileNotFoundError(f"{directory} holds no NSPO projector ({METADATA_FILE} + {FACTORS_FILE})")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: projector format {meta.get('format_version')} != {FORMAT_VERSION}")
+        tensors = load_file(str(tensor_path), device=str(device))
+        factors = {
+            entry["group"]: SubspaceFactor(
+                tensors[f"{i}.basis"], entry["kind"], tensors[f"{i}.eigenvalues"].cpu(), entry["null_dim"]
+            )
+            for i, entry in enumerate(meta["factors"])
+        }
+        group_of = [entry["group"] for entry in meta["factors"]]
+        probes: dict[str, dict[str, torch.Tensor]] = {}
+        if (directory / PROBES_FILE).is_file():
+            for key, rows in load_file(str(directory / PROBES_FILE)).items():
+                split, index = key.rsplit(".", 1)
+                probes.setdefault(split, {})[group_of[int(index)]] = rows
+        return cls(factors, meta["groups"], NullSpaceRule(**meta["rule"]), meta["metadata"], probes)
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Move ``staging`` to ``target``, replacing an existing directory without a window where neither exists."""
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, backup)
+        os.replace(staging, target)
+        for child in backup.iterdir():
+            child.unlink()
+        backup.rmdir()
+    else:
+        os.replace(staging, target)
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor], sample: int = 4096) -> str:
+    """A cheap, deterministic fingerprint of named tensors: names, shapes, dtypes and an even sample of values."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        flat = tensor.reshape(-1)
+        if flat.numel():
+            index = torch.linspace(0, flat.numel() - 1, min(sample, flat.numel())).long().to(flat.device)
+            digest.update(flat[index].to(torch.float64).cpu().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,368 @@
+"""``NSPOTrainer``: TRL's ``GRPOTrainer`` with null-space constrained updates."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import ClassVar
+
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl import GRPOTrainer
+
+from nspo_trl.config import NSPOConfig
+from nspo_trl.nullspace.collect import CovarianceCollector, run_collection
+from nspo_trl.nullspace.projector import NullSpaceProjector, tensor_digest
+from nspo_trl.nullspace.targets import ProtectedLayer, resolve_protected_layers
+from nspo_trl.nullspace.update import ConstrainedUpdate
+from nspo_trl.preservation import iter_batches, sequences_digest, split_heldout, tokenize_preservation
+
+logger = logging.getLogger(__name__)
+
+NSPO_STATE_DIR = "nspo"
+REFERENCE_FILE = "reference.safetensors"
+
+NSPO_CITATION = """\
+@inproceedings{niu2026nspo,
+    title        = {{Mitigating the Safety Alignment Tax with Null-Space Constrained Policy Optimization}},
+    author       = {Yifan Niu and Han Xiao and Dongyi Liu and Nuo Chen and Jia Li},
+    year         = 2026,
+    booktitle    = {The Fourteenth International Conference on Learning Representations, {ICLR} 2026},
+    eprint       = {arXiv:2512.11391}
+}"""
+
+
+class NSPOTrainer(GRPOTrainer):
+    """GRPO whose updates to protected layers stay in the null space of preservation activations.
+
+    Before training, the trainer runs the reference model over ``preservation_dataset``, builds a
+    [`NullSpaceProjector`] per protected layer (see [`NSPOConfig`]), snapshots ``W_ref`` and then,
+    after optimizer steps, applies ``W ← W_ref + (W − W_ref) P`` (LoRA: ``A ← A P``). The projection
+    runs in ``on_optimizer_step``, i.e. before checkpoints and before TRL's next vLLM weight sync,
+    so everything downstream sees projected weights.
+
+    Args:
+        model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs:
+            as for [`~trl.GRPOTrainer`]; ``args`` must be an [`NSPOConfig`].
+        preservation_dataset ([`~datasets.Dataset`]):
+            General-task examples whose behaviour must not move (layouts: see `nspo_trl.preservation`).
+            Optional only when ``args.nspo_projector_path`` points at an existing projector.
+
+    Override points for subclasses: [`build_projector`] (how ``P`` is made) and
+    [`project_updates`] (what happens after a step).
+    """
+
+    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "nspo"]
+    _name = "NSPO"
+    _paper: ClassVar[dict[str, str]] = {
+        "title": "Mitigating the Safety Alignment Tax with Null-Space Constrained Policy Optimization",
+        "id": "2512.11391",
+        "citation": NSPO_CITATION,
+    }
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: NSPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        preservation_dataset: Dataset | None = None,
+        **kwargs,
+    ) -> None:
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = NSPOConfig(f"{str(name).split('/')[-1]}-NSPO")
+        if not isinstance(args, NSPOConfig):
+            raise TypeError(f"args: NSPOTrainer needs an NSPOConfig, got {type(args).__name__}.")
+        cached = args.nspo_projector_path and Path(args.nspo_projector_path).is_dir()
+        if preservation_dataset is None and not cached:
+            raise ValueError(
+                "preservation_dataset: required (general-task examples) unless nspo_projector_path exists."
+            )
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "NSPOTrainer: DeepSpeed/FSDP are not supported yet; the ZeRO-aware update (fp32 master and "
+                "partitioned params) is tracked separately. Use single-device or DDP launches."
+            )
+        self.protected_layers: list[ProtectedLayer] = resolve_protected_layers(self.model, args.nspo_target_modules)
+        device = self.protected_layers[0].linear.weight.device
+        self.projector: NullSpaceProjector = self.build_projector(preservation_dataset).to(device)
+        self.constrained_update = ConstrainedUpdate(self.protected_layers, self.projector)
+        self._freeze_unconstrainable()
+        self._dirty = False
+        self._grad_null_fraction: float | None = None
+        self.add_callback(_NSPOCallback(self))
+        if self.accelerator.is_main_process:
+            self.projector.save(Path(args.output_dir) / "nspo_projector")
+            _log_projector(self.projector)
+
+    # ------------------------------------------------------------------ projector
+    def reference_fingerprint(self) -> str:
+        return tensor_digest({layer.name: layer.linear.weight for layer in self.protected_layers})
+
+    def build_projector(self, preservation_dataset: Dataset | None) -> NullSpaceProjector:
+        """Collect preservation covariances at the current (reference) weights and build ``P``.
+
+        With ``nspo_projector_path`` set, an existing projector there is loaded instead (after
+        checking it was built for this model, data and rule), and a new one is written there.
+        """
+        args: NSPOConfig = self.args
+        metadata = {
+            "model_fingerprint": self.reference_fingerprint(),
+            "target_modules": list(args.nspo_target_modules),
+            "protected_modules": [layer.name for layer in self.protected_layers],
+            "covariance_dtype": args.nspo_covariance_dtype,
+        }
+        cache = Path(args.nspo_projector_path) if args.nspo_projector_path else None
+        if preservation_dataset is None:
+            return self._load_cached_projector(cache, metadata)
+
+        if args.nspo_num_preservation_samples is not None:
+            count = min(args.nspo_num_preservation_samples, len(preservation_dataset))
+            preservation_dataset = preservation_dataset.select(range(count))
+        sequences = tokenize_preservation(
+            preservation_dataset, self.processing_class, args.nspo_preservation_max_length
+        )
+        fit, heldout = split_heldout(sequences, args.nspo_heldout_fraction, seed=args.seed)
+        metadata.update(
+            data_digest=sequences_digest(sequences, args.nspo_preservation_max_length),
+            heldout_fraction=args.nspo_heldout_fraction,
+            probe_tokens=args.nspo_probe_tokens,
+            seed=args.seed,
+            fit_examples=len(fit),
+            heldout_examples=len(heldout),
+        )
+        if cache is not None and cache.is_dir():
+            return self._load_cached_projector(cache, metadata)
+
+        modules = {layer.name: layer.linear for layer in self.protected_layers}
+        fit_stats = self._collect(modules, fit, covariance=True, description="NSPO covariances")
+        fit_stats.all_reduce()
+        probes = {"fit": fit_stats.samples}
+        if heldout:
+            probes["heldout"] = self._collect(
+                modules, heldout, covariance=False, description="NSPO held-out probes"
+            ).samples
+        metadata["fit_tokens"] = max(fit_stats.token_counts.values())
+        projector = NullSpaceProjector.from_covariances(
+            fit_stats.covariances,
+            fit_stats.groups,
+            args.nullspace_rule,
+            metadata=metadata,
+            probes=probes,
+            progress=self.accelerator.is_main_process,
+        )
+        if cache is not None and self.accelerator.is_main_process:
+            projector.save(cache)
+        return projector
+
+    def _collect(self, modules, sequences, covariance: bool, description: str) -> CovarianceCollector:
+        args: NSPOConfig = self.args
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        shard = sequences[rank::world] or sequences[:1]
+        collector = CovarianceCollector(
+            modules,
+            dtype=args.covariance_torch_dtype,
+            sample_tokens=args.nspo_probe_tokens,
+            seed=args.seed,
+            accumulate_covariance=covariance,
+        )
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        batches = iter_batches(shard, args.nspo_preservation_batch_size, tokenizer.pad_token_id)
+        total = -(-len(shard) // args.nspo_preservation_batch_size)
+        return run_collection(
+            self.model, batches, collector, self.accelerator.is_main_process, description=description, total=total
+        )
+
+    def _load_cached_projector(self, cache: Path | None, expected: dict) -> NullSpaceProjector:
+        if cache is None or not cache.is_dir():
+            raise ValueError(f"nspo_projector_path: {cache} does not exist and no preservation_dataset was given.")
+        projector = NullSpaceProjector.load(cache)
+        stored = {**projector.metadata, "rule": projector.rule.to_dict()}
+        wanted = {**expected, "rule": self.args.nullspace_rule.to_dict()}
+        differing = sorted(k for k in wanted if k in stored and stored[k] != wanted[k]) + sorted(
+            k for k in wanted if k not in stored
+        )
+        if differing:
+            raise ValueError(
+                f"nspo_projector_path: {cache} was built for another {', '.join(differing)}; "
+                "delete it or point nspo_projector_path elsewhere."
+            )
+        logger.info("NSPO: loaded cached projector from %s", cache)
+        return projector
+
+    def _freeze_unconstrainable(self) -> None:
+        """Freeze what the projection cannot keep in the null space (nothing when it is disabled)."""
+        if self.args.nspo_project_every == 0:
+            return
+        constrained: set[int] = set()
+        for layer in self.protected_layers:
+            frozen = self.projector.factor_for(layer.name).null_dim == 0
+            if layer.is_lora:
+                for a in layer.lora_a.values():
+                    a.requires_grad_(not frozen and a.requires_grad)
+                    constrained.add(id(a))
+                constrained.update(id(m.weight) for m in layer.lora_layer.lora_B.values())
+                continue
+            layer.linear.weight.requires_grad_(not frozen and layer.linear.weight.requires_grad)
+            constrained.add(id(layer.linear.weight))
+            if layer.linear.bias is not None:
+                layer.linear.bias.requires_grad_(False)  # a bias shift moves every output
+        if frozen := self.projector.frozen_modules():
+            logger.warning("NSPO: %d layers have an empty null space and are frozen: %s", len(frozen), frozen)
+        if self.args.freezes_non_targets:
+            for _, param in self.model.named_parameters():
+                if id(param) not in constrained:
+                    param.requires_grad_(False)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(
+                "nspo_alpha: every trainable parameter ended up frozen (no null space anywhere); "
+                "raise nspo_alpha, set nspo_energy, or use fewer preservation samples."
+            )
+
+    # ------------------------------------------------------------------ the update
+    def project_updates(self) -> None:
+        """Project every protected layer's change onto its null space (in place)."""
+        self.constrained_update.project_()
+        self._dirty = False
+
+    def leakage(self) -> dict[str, dict[str, float]]:
+        """Per split (``fit``/``heldout``) and layer: ``‖X (W − W_ref)ᵀ‖ / ‖X W_refᵀ‖`` on probe rows."""
+        return {split: self.constrained_update.leakage(rows) for split, rows in self.projector.probes.items()}
+
+    def nspo_metrics(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for split, per_layer in self.leakage().items():
+            if per_layer:
+                values = list(per_layer.values())
+                metrics[f"nspo/leakage_{split}"] = max(values)
+                metrics[f"nspo/leakage_{split}_mean"] = sum(values) / len(values)
+        metrics["nspo/null_fraction"] = self.projector.summary()["null_fraction"]
+        if self._grad_null_fraction is not None:
+            metrics["nspo/grad_null_fraction"] = self._grad_null_fraction
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs:
+            logs.update(self.nspo_metrics())
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_nspo_state(self, directory: str | os.PathLike) -> None:
+        """Write the projector, the reference weights and the probes under ``directory/nspo``.
+
+        The state never changes during training, so it is written once (under
+        ``output_dir/.nspo_state``) and hard-linked into each checkpoint (copied where links fail).
+        """
+        source = Path(self.args.output_dir) / ".nspo_state"
+        if not source.is_dir():
+            staging = source.with_name(".nspo_state.tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            self.projector.save(staging / "projector")
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.constrained_update.reference.items()},
+                str(staging / REFERENCE_FILE),
+            )
+            os.replace(staging, source)
+        target = Path(directory) / NSPO_STATE_DIR
+        staging = target.with_name(f".{NSPO_STATE_DIR}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging, copy_function=_link_or_copy)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+
+    def load_nspo_state(self, checkpoint: str | os.PathLike) -> None:
+        """Restore projector, ``W_ref`` and probes saved by [`save_nspo_state`] in ``checkpoint``."""
+        state = Path(checkpoint) / NSPO_STATE_DIR
+        if not state.is_dir():
+            raise ValueError(
+                f"resume_from_checkpoint: {checkpoint} has no {NSPO_STATE_DIR}/ state (not an NSPO checkpoint)."
+            )
+        device = self.protected_layers[0].linear.weight.device
+        projector = NullSpaceProjector.load(state / "projector", device=device)
+        if set(projector.groups) != {layer.name for layer in self.protected_layers}:
+            raise ValueError(f"resume_from_checkpoint: {checkpoint} protects other layers than nspo_target_modules.")
+        self.projector = self.constrained_update.projector = projector
+        self.constrained_update.load_reference(load_file(str(state / REFERENCE_FILE)))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str):
+            self.load_nspo_state(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+class _NSPOCallback(TrainerCallback):
+    """Runs the projection at the right points of the transformers training loop."""
+
+    def __init__(self, trainer: NSPOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # fresh start: LoRA needs A ← A P for its random init (a no-op at W = W_ref otherwise). A resumed
+        # run is already projected, and re-projecting would only add fp32 round-off to a bitwise resume.
+        if args.nspo_project_every and state.global_step == 0:
+            self.trainer.project_updates()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # gradients are visible here (not under DeepSpeed); measure only on logging steps
+        if args.logging_steps and (state.global_step + 1) % max(int(args.logging_steps), 1) == 0:
+            self.trainer._grad_null_fraction = self.trainer.constrained_update.gradient_null_fraction()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        every = args.nspo_project_every
+        if every and (state.global_step + 1) % every == 0:
+            self.trainer.project_updates()
+        else:
+            self.trainer._dirty = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # with an interval > 1, never let a checkpoint or the final model hold unprojected weights
+        finishing = control.should_save or control.should_training_stop or state.global_step >= state.max_steps
+        if args.nspo_project_every and self.trainer._dirty and finishing:
+            self.trainer.project_updates()
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            self.trainer.save_nspo_state(checkpoint)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _log_projector(projector: NullSpaceProjector) -> None:
+    summary = projector.summary()
+    logger.info(
+        "NSPO projector: %d layers in %d input groups, null dims %d / %d (%.1f%%), %d frozen, "
+        "stored %.2f M elements (dense P: %.2f M)",
+        summary["modules"],
+        summary["groups"],
+        summary["null_dim_total"],
+        summary["in_features_total"],
+        100 * summary["null_fraction"],
+        summary["frozen_modules"],
+        summary["stored_elements"] / 1e6,
+        summary["dense_elements"] / 1e6,
+    )

@@ -1,0 +1,103 @@
+"""Factor-form projector against the dense textbook formula, on random data."""
+
+import pytest
+import torch
+
+from nspo_trl.nullspace.projector import NullSpaceProjector, SubspaceFactor
+from nspo_trl.nullspace.rule import NullSpaceRule
+
+
+def low_rank_activations(n: int, tokens: int, rank: int, seed: int = 0) -> torch.Tensor:
+    """(tokens, n) activations spanning a `rank`-dimensional subspace plus tiny noise, with a steep spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))[0]
+    scales = torch.logspace(0, -2, rank, dtype=torch.float64)
+    coeffs = torch.randn(tokens, rank, generator=g, dtype=torch.float64) * scales
+    return coeffs @ basis.T + 1e-9 * torch.randn(tokens, n, generator=g, dtype=torch.float64)
+
+
+def dense_reference(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The reference code's recipe: SVD of C = XᵀX, keep singular vectors with S < alpha·max(S)."""
+    cov = x.T @ x
+    u, s, _ = torch.linalg.svd(cov)
+    null = u[:, s < alpha * s.max()]
+    return null @ null.T
+
+
+@pytest.mark.parametrize(("n", "rank"), [(48, 10), (48, 40), (96, 90), (64, 0)])
+def test_factor_matches_dense_formula(n, rank):
+    alpha = 5e-5
+    x = low_rank_activations(n, tokens=500, rank=rank) if rank else torch.randn(500, n, dtype=torch.float64)
+    factor = SubspaceFactor.from_covariance(x.T @ x, NullSpaceRule(alpha=alpha), basis_dtype=torch.float64)
+    reference = dense_reference(x, alpha)
+    expected_null = round(torch.trace(reference).item())
+    assert factor.null_dim == expected_null == (n - rank if rank else 0)
+    # the thinner basis is what gets stored
+    assert factor.basis.shape[1] == min(expected_null, n - expected_null)
+    assert factor.kind == ("null" if expected_null <= n - expected_null else "range")
+    p = factor.dense()
+    torch.testing.assert_close(p, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(p @ p, p, atol=1e-10, rtol=0)  # idempotent
+    torch.testing.assert_close(p, p.T, atol=1e-12, rtol=0)  # symmetric
+
+
+def test_update_leaves_preservation_outputs_unchanged():
+    n, m = 64, 40
+    x = low_rank_activations(n, tokens=300, rank=24, seed=1)  # (tokens, n)
+    factor = SubspaceFactor.from_covariance(x.T @ x, NullSpaceRule(alpha=5e-5))
+    delta = torch.randn(m, n, dtype=torch.float64)
+    projected = factor.apply(delta.float()).double()
+    # (D P) X ≈ 0 relative to D X, and the update still has most of its null-space part
+    assert (projected @ x.T).norm() / (delta @ x.T).norm() < 1e-6
+    assert projected.norm() > 0.5 * delta.norm()
+    # descent: <g, gP> = ‖gP‖² ≥ 0
+    g = torch.randn(m, n)
+    gp = factor.apply(g)
+    torch.testing.assert_close((g * gp).sum(), (gp * gp).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_rank_cap_and_energy_are_conservative():
+    x = low_rank_activations(32, tokens=200, rank=8, seed=2)
+    cov = x.T @ x
+    assert SubspaceFactor.from_covariance(cov, NullSpaceRule()).null_dim == 24
+    assert SubspaceFactor.from_covariance(cov, NullSpaceRule(max_null_rank=5)).null_dim == 5
+    lam = torch.linalg.eigvalsh(cov)
+    # energy 0.9 keeps the top directions carrying 90% of tr(C); fewer than 8 of them suffice
+    range_dim = int((torch.flip(lam, [0]).cumsum(0) < 0.9 * lam.sum()).sum()) + 1
+    assert range_dim < 8
+    assert SubspaceFactor.from_covariance(cov, NullSpaceRule(energy=0.9)).null_dim == 24  # alpha still binds
+    loose = NullSpaceRule(alpha=0.5, energy=0.9)
+    assert SubspaceFactor.from_covariance(cov, loose).null_dim == min(
+        32 - range_dim, int((lam <= 0.5 * lam[-1]).sum())
+    )
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -1e-3, 2.0])
+def test_alpha_outside_unit_interval_is_rejected(bad):
+    with pytest.raises(ValueError, match="nspo_alpha"):
+        NullSpaceRule(alpha=bad)
+
+
+def test_zero_covariance_is_an_error():
+    with pytest.raises(ValueError, match="no preservation tokens"):
+        SubspaceFactor.from_covariance(torch.zeros(4, 4), NullSpaceRule())
+
+
+def test_save_load_roundtrip(tmp_path):
+    x = low_rank_activations(16, tokens=100, rank=6, seed=3)
+    projector = NullSpaceProjector.from_covariances(
+        {"a": x.T @ x, "b": torch.eye(16, dtype=torch.float64)},
+        {"a": "a", "a2": "a", "b": "b"},
+        NullSpaceRule(alpha=1e-4),
+        metadata={"model_fingerprint": "abc"},
+    )
+    assert projector.frozen_modules() == ["b"]
+    projector.save(tmp_path / "proj")
+    projector.save(tmp_path / "proj")  # overwrite in place
+    loaded = NullSpaceProjector.load(tmp_path / "proj")
+    assert loaded.groups == projector.groups and loaded.metadata == {"model_fingerprint": "abc"}
+    assert loaded.rule == NullSpaceRule(alpha=1e-4)
+    delta = torch.randn(5, 16)
+    for module in ("a", "a2", "b"):
+        torch.testing.assert_close(loaded.apply(module, delta), projector.apply(module, delta))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]  # no staging leftovers
