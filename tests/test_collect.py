@@ -1,0 +1,111 @@
+"""Streaming covariance collection: exact sums, padding masked, shared inputs grouped, uniform samples."""
+
+import pytest
+import torch
+from torch import nn
+
+from nspo_trl.nullspace.collect import CovarianceCollector, run_collection
+
+
+class TwoBranch(nn.Module):
+    """a and b read the same tensor; c reads a different one (like gate/up vs down)."""
+
+    def __init__(self, width=6):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(width, 5), nn.Linear(width, 5), nn.Linear(5, 3)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        x = torch.sin(input_ids.float().unsqueeze(-1) * torch.linspace(0.01, 0.07, self.a.in_features))
+        return self.c(torch.relu(self.a(x)) * self.b(x))
+
+
+def batches(seed=0, count=3):
+    """Distinct token ids everywhere, so each real row can be traced back to one position."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randperm(5000, generator=g) + 1
+    out = []
+    for index in range(count):
+        ids = pool[index * 28 : (index + 1) * 28].reshape(4, 7).clone()
+        mask = torch.ones(4, 7, dtype=torch.long)
+        mask[0, 5:] = 0
+        mask[2, 3:] = 0
+        ids[mask == 0] = 9999  # padding values that must not reach C
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def reference_rows(model, data, layer):
+    rows = []
+
+    def hook(module, args):
+        rows.append(args[0][current["mask"]].double())
+
+    current = {}
+    handle = getattr(model, layer).register_forward_pre_hook(hook)
+    with torch.no_grad():
+        for batch in data:
+            current["mask"] = batch["attention_mask"].bool()
+            model(**batch)
+    handle.remove()
+    return torch.cat(rows)
+
+
+def test_covariances_are_exact_masked_and_shared():
+    model = TwoBranch()
+    data = batches()
+    collector = run_collection(model, data, CovarianceCollector({"a": model.a, "b": model.b, "c": model.c}))
+    assert collector.groups == {"a": "a", "b": "a", "c": "c"}
+    assert set(collector.covariances) == {"a", "c"}
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in data)
+    assert collector.token_counts == {"a": real_tokens, "c": real_tokens}
+    for layer in ("a", "c"):
+        x = reference_rows(model, data, layer)
+        torch.testing.assert_close(collector.covariances[layer], x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_accumulation_is_close_to_float64():
+    model = TwoBranch()
+    c64 = run_collection(model, batches(), CovarianceCollector({"c": model.c})).covariances["c"]
+    c32 = run_collection(model, batches(), CovarianceCollector({"c": model.c}, dtype=torch.float32)).covariances["c"]
+    assert c32.dtype == torch.float32
+    torch.testing.assert_close(c32.double(), c64, rtol=1e-5, atol=1e-5)
+
+
+def test_samples_are_real_rows_capped_and_shared_across_groups():
+    model = TwoBranch()
+    data = batches(count=5)
+    collector = run_collection(model, data, CovarianceCollector({"a": model.a, "c": model.c}, sample_tokens=16))
+    rows_a, rows_c = reference_rows(model, data, "a").float(), reference_rows(model, data, "c").float()
+    sample_a, sample_c = collector.samples["a"], collector.samples["c"]
+    assert sample_a.shape == (16, 6) and sample_c.shape == (16, 5)
+    # every sampled row is a real (unpadded) input row, and both groups sampled the same tokens
+    index_a = [int(torch.cdist(r[None], rows_a).argmin()) for r in sample_a]
+    index_c = [int(torch.cdist(r[None], rows_c).argmin()) for r in sample_c]
+    torch.testing.assert_close(rows_a[index_a], sample_a)
+    assert index_a == index_c
+    assert len(set(index_a)) == 16  # without replacement
+
+
+def test_sampling_is_uniform_over_tokens():
+    """Priority sampling must not favour early or late batches: mean sampled position ≈ the middle."""
+    model = TwoBranch()
+    data = batches(count=20)
+    total = sum(int(b["attention_mask"].sum()) for b in data)
+    positions = []
+    for seed in range(40):
+        collector = CovarianceCollector({"c": model.c}, sample_tokens=10, seed=seed)
+        run_collection(model, data, collector)
+        rows = reference_rows(model, data, "c").float()
+        positions += [int(torch.cdist(r[None], rows).argmin()) for r in collector.samples["c"]]
+    mean = sum(positions) / len(positions)
+    assert abs(mean - (total - 1) / 2) < 0.08 * total
+
+
+def test_missing_mask_and_unused_layer_are_errors():
+    model = TwoBranch()
+    collector = CovarianceCollector({"a": model.a})
+    with pytest.raises(RuntimeError, match="set_mask"), collector.hooks(), torch.no_grad():
+        model(**batches()[0])
+    unused = nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="never ran"):
+        run_collection(model, batches(), CovarianceCollector({"a": model.a, "unused": unused}))

@@ -1,0 +1,83 @@
+"""``python -m nspo_trl.train``: the smoke recipe end to end, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nspo_trl.train import DEFAULT_RECIPE, cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def smoke_args(tmp_path, *extra):
+    return [
+        "recipes/smoke.yaml",
+        "--model_name_or_path", str(tmp_path / "tiny"),
+        "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "6",
+        "--save_steps", "3",
+        "--logging_steps", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_smoke_recipe_writes_model_projector_checkpoints_and_summary(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert cli(smoke_args(tmp_path)) == 0
+    out = tmp_path / "out"
+    assert (tmp_path / "tiny" / "config.json").is_file()  # built locally on first use
+    assert (out / "model.safetensors").is_file()
+    assert (out / "nspo_projector" / "projector.safetensors").is_file()
+    for step in (3, 6):
+        assert (out / f"checkpoint-{step}" / "nspo" / "reference.safetensors").is_file()
+    summary = json.loads((out / "nspo_summary.json").read_text())
+    assert summary["steps"] == 6
+    assert summary["projector"]["modules"] == 6 and summary["projector"]["groups"] == 4
+    assert 0 < summary["projector"]["null_fraction"] < 1
+    assert set(summary["leakage"]) == {"fit", "heldout"}
+    assert summary["leakage"]["fit"] < 0.05
+    assert summary["reward_first"] is not None and -1.0 <= summary["reward_last"] <= 0.0
+
+
+def test_default_recipe_is_the_smoke_recipe():
+    assert DEFAULT_RECIPE == REPO / "recipes" / "smoke.yaml"
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (["--nspo_alpha", "1.5"], "nspo_alpha"),
+        (["--nspo_target_modules", "no_such_layer"], "nspo_target_modules"),
+        (["--preservation_dataset_name", "nspo_trl:nope"], "nspo_trl:nope"),
+        (["--reward_funcs", "not_a_reward"], "reward_funcs"),
+        (["--nspo_heldout_fraction", "1.0"], "nspo_heldout_fraction"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, extra, field):
+    monkeypatch.chdir(REPO)
+    assert cli(smoke_args(tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("nspo_trl.train: error:") and field in err[-1]
+    out = tmp_path / "out"
+    assert not (out / "model.safetensors").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_missing_recipe(tmp_path, capsys):
+    assert cli([str(tmp_path / "absent.yaml")]) == 2
+    assert "recipe:" in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    """The real `python -m` entry point returns 2 on bad input (no traceback)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "nspo_trl.train", *smoke_args(tmp_path, "--nspo_alpha", "0")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "nspo_alpha" in result.stderr.strip().splitlines()[-1]
