@@ -20,6 +20,9 @@ from nspo_trl.data import load_named_dataset
 from nspo_trl.preservation import iter_batches, tokenize_preservation
 from nspo_trl.tiny_model import build_tiny_model
 
+# trainer tests run on the GPU where there is one (CI: CPU)
+USE_CPU = not torch.cuda.is_available()
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
@@ -52,9 +55,11 @@ def capture_inputs(model, sequences, layer_names, pad_token_id) -> dict[str, tor
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in layer_names}
     mask_holder = {}
 
+    device = next(model.parameters()).device
+
     def make_hook(name):
         def hook(module, args, output):
-            rows[name].append(args[0].detach()[mask_holder["mask"]].double())
+            rows[name].append(args[0].detach()[mask_holder["mask"]].double().cpu())
 
         return hook
 
@@ -62,6 +67,7 @@ def capture_inputs(model, sequences, layer_names, pad_token_id) -> dict[str, tor
     try:
         with torch.no_grad():
             for batch in iter_batches(sequences, 8, pad_token_id):
+                batch = {key: value.to(device) for key, value in batch.items()}
                 mask_holder["mask"] = batch["attention_mask"].bool()
                 model(**batch)
     finally:
@@ -72,8 +78,9 @@ def capture_inputs(model, sequences, layer_names, pad_token_id) -> dict[str, tor
 
 def leakage(weight_now: torch.Tensor, weight_ref: torch.Tensor, x: torch.Tensor) -> float:
     """‖(W − W_ref) Xᵀ‖ / ‖W_ref Xᵀ‖ in float64."""
-    delta = weight_now.detach().double() - weight_ref.detach().double()
-    return float((x @ delta.T).norm() / (x @ weight_ref.detach().double().T).norm())
+    weight_now, weight_ref = weight_now.detach().cpu().double(), weight_ref.detach().cpu().double()
+    delta = weight_now - weight_ref
+    return float((x @ delta.T).norm() / (x @ weight_ref.T).norm())
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,32 @@ which is ≈ 0 when the update lies in the null space of ``Xᵀ X``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 
 from nspo_trl.nullspace.projector import NullSpaceProjector
 from nspo_trl.nullspace.targets import ProtectedLayer
+
+
+@contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """Run CUDA float32 matmuls in full IEEE precision inside the block.
+
+    With TF32 on (``--tf32 true``), ``D P`` would carry ~1e-3 relative error in every direction,
+    i.e. leak into the preserved subspace; the projection is cheap enough to always run exactly.
+    The matmul backend's own setting is restored exactly: where it only inherited the global
+    ``torch.backends.fp32_precision`` (it then reads back as the global value), it inherits again.
+    """
+    matmul = torch.backends.cuda.matmul
+    inherited = matmul.fp32_precision == torch.backends.fp32_precision
+    previous = "none" if inherited else matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
 
 
 def relative_leakage(delta: torch.Tensor, reference: torch.Tensor, rows: torch.Tensor) -> float:
@@ -58,6 +78,10 @@ class ConstrainedUpdate:
     @torch.no_grad()
     def project_(self) -> None:
         """Apply ``W ← W_ref + (W − W_ref) P`` (or ``A ← A P``) in place to every protected layer."""
+        with ieee_fp32_matmul():
+            self._project_all()
+
+    def _project_all(self) -> None:
         for layer in self.layers:
             if layer.is_lora:
                 for a in layer.lora_a.values():
@@ -77,6 +101,7 @@ class ConstrainedUpdate:
         return layer.linear.weight.float() - self.reference[layer.name].float()
 
     @torch.no_grad()
+    @ieee_fp32_matmul()
     def leakage(self, probes: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Per-layer leakage on probe rows; ``probes`` maps each projector group to ``(t, n)`` inputs."""
         out = {}
