@@ -327,3 +327,35 @@ def test_empty_preservation_set_is_rejected(
     preservation = preservation_small.select([]) if empty else None
     with pytest.raises(ValueError, match="preservation_dataset"):
         make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation, nspo_args(tmp_path, max_steps=1))
+
+
+def test_projector_cache_is_reused_and_guarded(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    cache = tmp_path / "cache"
+    first = make_trainer(
+        tiny_model_dir, tokenizer, safety_prompts, preservation_small,
+        nspo_args(tmp_path, max_steps=1, nspo_projector_path=str(cache)),
+    )  # fmt: skip
+    assert (cache / "projector.safetensors").is_file() and (cache / "probes.safetensors").is_file()
+    # no preservation data needed once cached; factors and probes come back unchanged
+    second = make_trainer(
+        tiny_model_dir,
+        tokenizer,
+        safety_prompts,
+        None,
+        nspo_args(tmp_path, max_steps=1, nspo_projector_path=str(cache)),
+    )
+    for group, factor in first.projector.factors.items():
+        torch.testing.assert_close(second.projector.factors[group].basis, factor.basis, rtol=0, atol=0)
+        torch.testing.assert_close(
+            second.projector.probes["fit"][group], first.projector.probes["fit"][group].cpu(), rtol=0, atol=0
+        )
+    # a cache built under another rule or from other data is refused, naming the field
+    for overrides, preservation in (({"nspo_alpha": 1e-3}, preservation_small), ({}, preservation_small.select([0]))):
+        with pytest.raises(ValueError, match="nspo_projector_path") as info:
+            make_trainer(
+                tiny_model_dir, tokenizer, safety_prompts, preservation,
+                nspo_args(tmp_path, max_steps=1, nspo_projector_path=str(cache), **overrides),
+            )  # fmt: skip
+        assert ("rule" in str(info.value)) == ("nspo_alpha" in overrides)
