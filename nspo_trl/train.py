@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,14 +25,21 @@ from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from nspo_trl.config import NSPOConfig
-from nspo_trl.data import load_named_dataset
-from nspo_trl.rewards import refusal_reward
+from nspo_trl.data import (
+    generate_preservation_responses,
+    is_pku_saferlhf,
+    load_named_dataset,
+    pku_saferlhf_prompts,
+    preservation_pairs,
+)
+from nspo_trl.rewards import JudgeError, LlamaGuardReward, LocalGuardReward, refusal_reward
 from nspo_trl.tiny_model import build_tiny_model
 from nspo_trl.trainer import NSPOTrainer
 
 logger = logging.getLogger("nspo_trl.train")
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
+JUDGES = ("llama_guard", "local_guard")
 REWARD_FUNCS = {"refusal": refusal_reward}
 SUMMARY_FILE = "nspo_summary.json"
 
@@ -42,16 +50,46 @@ class NSPOScriptArguments(ScriptArguments):
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["refusal"],
-        metadata={"help": f"Reward functions: {sorted(REWARD_FUNCS)} or dotted paths 'module.function'."},
+        metadata={"help": "Reward functions: refusal, llama_guard (server), local_guard, or 'module.function'."},
+    )
+    judge_base_url: str = field(
+        default="http://127.0.0.1:8000/v1", metadata={"help": "llama_guard: the judge server's OpenAI API root."}
+    )
+    judge_model: str = field(
+        default="meta-llama/Llama-Guard-3-8B",
+        metadata={"help": "The judge model (served name, or path for local_guard)."},
+    )
+    judge_api_key_env: str | None = field(
+        default=None, metadata={"help": "llama_guard: name of the environment variable holding the API key."}
+    )
+    judge_timeout: float = field(default=60.0, metadata={"help": "llama_guard: seconds per request."})
+    judge_max_retries: int = field(default=3, metadata={"help": "llama_guard: retries per item before failing."})
+    judge_max_concurrency: int = field(default=32, metadata={"help": "llama_guard: requests in flight."})
+    judge_mode: str = field(
+        default="probability", metadata={"help": "local_guard: probability (−P(unsafe)) or threshold."}
+    )
+    train_fraction: float = field(
+        default=1.0, metadata={"help": "PKU-SafeRLHF: fraction of unique prompts to train on (paper: 0.4)."}
     )
     harmful_only: bool = field(
-        default=False, metadata={"help": "Keep only training prompts whose 'is_harmful' column is true."}
+        default=False, metadata={"help": "Keep only training prompts labelled harmful ('is_harmful')."}
     )
     preservation_dataset_name: str | None = field(
         default=None, metadata={"help": "General-task data for the null space (Hub id, local file, nspo_trl:<name>)."}
     )
     preservation_dataset_config: str | None = field(default=None, metadata={"help": "Its configuration name."})
     preservation_dataset_split: str = field(default="train", metadata={"help": "Its split."})
+    preservation_prompt_column: str | None = field(
+        default=None, metadata={"help": "Map this prompt column (and the response column) to conversations."}
+    )
+    preservation_response_column: str | None = field(default=None, metadata={"help": "Its response column."})
+    preservation_input_column: str | None = field(
+        default=None, metadata={"help": "Optional extra input column appended to the prompt (Alpaca's 'input')."}
+    )
+    generate_preservation_responses: bool = field(
+        default=False, metadata={"help": "Answer the preservation prompts with the reference model (greedy)."}
+    )
+    preservation_max_new_tokens: int = field(default=256, metadata={"help": "Length of generated responses."})
     build_tiny_model: bool = field(
         default=False,
         metadata={"help": "Build a tiny random Qwen2 model + tokenizer at model_name_or_path if none is there."},
@@ -60,12 +98,25 @@ class NSPOScriptArguments(ScriptArguments):
     tiny_intermediate_size: int = field(default=512, metadata={"help": "MLP width of the tiny model."})
 
 
-def resolve_reward(name: str):
+def resolve_reward(name: str, script_args: NSPOScriptArguments | None = None):
+    if name == "llama_guard":
+        api_key = os.environ.get(script_args.judge_api_key_env) if script_args.judge_api_key_env else None
+        return LlamaGuardReward(
+            script_args.judge_base_url,
+            script_args.judge_model,
+            api_key=api_key,
+            timeout=script_args.judge_timeout,
+            max_retries=script_args.judge_max_retries,
+            max_concurrency=script_args.judge_max_concurrency,
+        )
+    if name == "local_guard":
+        return LocalGuardReward(script_args.judge_model, mode=script_args.judge_mode)
     if name in REWARD_FUNCS:
         return REWARD_FUNCS[name]
     module_name, _, attribute = name.rpartition(".")
     if not module_name:
-        raise ValueError(f"reward_funcs: {name!r} is neither one of {sorted(REWARD_FUNCS)} nor 'module.function'.")
+        known = sorted([*REWARD_FUNCS, *JUDGES])
+        raise ValueError(f"reward_funcs: {name!r} is neither one of {known} nor 'module.function'.")
     sys.path.insert(0, str(Path.cwd()))
     try:
         return getattr(importlib.import_module(module_name), attribute)
@@ -73,6 +124,46 @@ def resolve_reward(name: str):
         raise ValueError(f"reward_funcs: cannot import {name!r} ({err}).") from None
     finally:
         sys.path.pop(0)
+
+
+def load_training_prompts(script_args: NSPOScriptArguments, seed: int):
+    """Training prompts; PKU-SafeRLHF is recognised by its columns and reduced to unique prompts."""
+    dataset = load_named_dataset(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    if is_pku_saferlhf(dataset):
+        return pku_saferlhf_prompts(dataset, script_args.train_fraction, seed, script_args.harmful_only)
+    if script_args.train_fraction != 1.0:
+        raise ValueError(
+            "train_fraction: only applies to PKU-SafeRLHF data; slice other data sets with a split like train[:40%]."
+        )
+    if script_args.harmful_only:
+        if "is_harmful" not in dataset.column_names:
+            raise ValueError(f"harmful_only: {script_args.dataset_name} has no 'is_harmful' column.")
+        dataset = dataset.filter(lambda example: bool(example["is_harmful"]))
+    return dataset
+
+
+def load_preservation(script_args: NSPOScriptArguments, model_path: str):
+    """Preservation conversations: as stored, mapped from prompt/response columns, or answered by the model."""
+    dataset = load_named_dataset(
+        script_args.preservation_dataset_name,
+        script_args.preservation_dataset_split,
+        script_args.preservation_dataset_config,
+    )
+    if script_args.generate_preservation_responses:
+        column = script_args.preservation_prompt_column or "prompt"
+        if column not in dataset.column_names:
+            raise ValueError(f"preservation_prompt_column: {column!r} is not a column of the preservation data.")
+        return generate_preservation_responses(dataset[column], model_path, script_args.preservation_max_new_tokens)
+    if script_args.preservation_prompt_column or script_args.preservation_response_column:
+        if not (script_args.preservation_prompt_column and script_args.preservation_response_column):
+            raise ValueError("preservation_response_column: set both the prompt and the response column.")
+        return preservation_pairs(
+            dataset,
+            script_args.preservation_prompt_column,
+            script_args.preservation_response_column,
+            script_args.preservation_input_column,
+        )
+    return dataset
 
 
 def summarize(trainer: NSPOTrainer, wall_time: float) -> dict:
@@ -143,21 +234,11 @@ def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
-    train_dataset = load_named_dataset(
-        script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config
-    )
-    if script_args.harmful_only:
-        if "is_harmful" not in train_dataset.column_names:
-            raise ValueError(f"harmful_only: {script_args.dataset_name} has no 'is_harmful' column.")
-        train_dataset = train_dataset.filter(lambda example: bool(example["is_harmful"]))
-    preservation = load_named_dataset(
-        script_args.preservation_dataset_name,
-        script_args.preservation_dataset_split,
-        script_args.preservation_dataset_config,
-    )
+    train_dataset = load_training_prompts(script_args, training_args.seed)
+    preservation = load_preservation(script_args, model_path)
     trainer = NSPOTrainer(
         model=model_path,
-        reward_funcs=[resolve_reward(name) for name in script_args.reward_funcs],
+        reward_funcs=[resolve_reward(name, script_args) for name in script_args.reward_funcs],
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
@@ -197,7 +278,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         script_args, training_args, model_args = parse(sys.argv[1:] if argv is None else argv)
         main(script_args, training_args, model_args)
-    except ValueError as err:
+    except (ValueError, JudgeError) as err:  # bad settings, or a judge that cannot give verdicts
         print(f"nspo_trl.train: error: {err}", file=sys.stderr)
         return 2
     return 0

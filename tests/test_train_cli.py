@@ -81,3 +81,34 @@ def test_module_entry_point_exit_code(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert "nspo_alpha" in result.stderr.strip().splitlines()[-1]
+
+
+def test_pku_prompts_with_the_llama_guard_server(tmp_path, monkeypatch):
+    from guard_server import MODEL, GuardServer
+
+    monkeypatch.chdir(REPO)
+    fixture = str(REPO / "tests" / "fixtures" / "pku_saferlhf.jsonl")
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text("".join(
+        json.dumps({"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"}) + "\n"
+        for i in range(12)
+    ))  # fmt: skip
+    with GuardServer() as server:
+        code = cli(smoke_args(
+            tmp_path, "--dataset_name", fixture, "--train_fraction", "0.5", "--harmful_only", "false",
+            "--reward_funcs", "llama_guard", "--judge_base_url", server.base_url, "--judge_model", MODEL,
+            "--judge_max_retries", "1", "--preservation_dataset_name", str(alpaca),
+            "--preservation_prompt_column", "instruction", "--preservation_response_column", "output",
+        ))  # fmt: skip
+    assert code == 0
+    assert sum(server.requests.values()) == 6 * 8  # every completion judged once: 6 steps x 8 completions
+    summary = json.loads((tmp_path / "out" / "nspo_summary.json").read_text())
+    assert summary["reward_last"] == 0.0  # no keyword in a tiny model's output: all safe
+
+
+def test_unreachable_judge_stops_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    code = cli(smoke_args(tmp_path, "--reward_funcs", "llama_guard", "--judge_base_url", "http://127.0.0.1:9/v1"))
+    assert code == 2
+    assert "vllm serve" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "model.safetensors").exists()

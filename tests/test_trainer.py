@@ -33,10 +33,10 @@ def nspo_args(tmp_path, **overrides) -> NSPOConfig:
     return NSPOConfig(output_dir=str(tmp_path / "out"), **{**COMMON, **NSPO_COMMON, **overrides})
 
 
-def make_trainer(model_dir, tokenizer, prompts, preservation, args, **kwargs):
+def make_trainer(model_dir, tokenizer, prompts, preservation, args, reward_funcs=refusal_reward, **kwargs):
     return NSPOTrainer(
         model=model_dir,
-        reward_funcs=refusal_reward,
+        reward_funcs=reward_funcs,
         args=args,
         train_dataset=prompts,
         processing_class=tokenizer,

@@ -1,0 +1,24 @@
+"""Safety rewards as TRL reward callables.
+
+- :class:`LlamaGuardReward`: Llama Guard behind an OpenAI-compatible server (``vllm serve``), async,
+  batched, retried, failing loudly;
+- :class:`LocalGuardReward`: the same judge in-process with transformers, from next-token logits;
+- :func:`refusal_reward`: a rule-based refusal proxy for smoke runs and tests.
+"""
+
+from nspo_trl.rewards.guard import GuardVerdict, JudgeError, guard_conversation, parse_verdict
+from nspo_trl.rewards.llama_guard import LlamaGuardReward
+from nspo_trl.rewards.local_guard import LocalGuardReward
+from nspo_trl.rewards.refusal import completion_text, refusal_reward, refusal_score
+
+__all__ = [
+    "GuardVerdict",
+    "JudgeError",
+    "LlamaGuardReward",
+    "LocalGuardReward",
+    "completion_text",
+    "guard_conversation",
+    "parse_verdict",
+    "refusal_reward",
+    "refusal_score",
+]
