@@ -61,7 +61,7 @@ class NSPOTrainer(GRPOTrainer):
     _paper: ClassVar[dict[str, str]] = {
         "title": "Mitigating the Safety Alignment Tax with Null-Space Constrained Policy Optimization",
         "id": "2512.11391",
-        "citation": NSPO_CITATION,
+        "citation": NSPO_CITATION + "\n\n" + GRPOTrainer._paper["citation"],
     }
 
     def __init__(
@@ -105,6 +105,7 @@ class NSPOTrainer(GRPOTrainer):
         self.constrained_update = ConstrainedUpdate(self.protected_layers, self.projector)
         self._freeze_unconstrainable()
         self._dirty = False
+        self._state_written = False
         self._grad_null_fraction: float | None = None
         self.add_callback(_NSPOCallback(self))
         if self.accelerator.is_main_process:
@@ -266,19 +267,20 @@ class NSPOTrainer(GRPOTrainer):
     def save_nspo_state(self, directory: str | os.PathLike) -> None:
         """Write the projector, the reference weights and the probes under ``directory/nspo``.
 
-        The state never changes during training, so it is written once (under
-        ``output_dir/.nspo_state``) and hard-linked into each checkpoint (copied where links fail).
+        The state never changes during a run, so this trainer writes it once (under
+        ``output_dir/.nspo_state``, replacing whatever an earlier run left there) and hard-links it
+        into each checkpoint (copying where links fail).
         """
         source = Path(self.args.output_dir) / ".nspo_state"
-        if not source.is_dir():
+        if not self._state_written:
             staging = source.with_name(".nspo_state.tmp")
             shutil.rmtree(staging, ignore_errors=True)
             self.projector.save(staging / "projector")
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in self.constrained_update.reference.items()},
-                str(staging / REFERENCE_FILE),
-            )
+            reference = {k: v.detach().cpu().contiguous() for k, v in self.constrained_update.reference.items()}
+            save_file(reference, str(staging / REFERENCE_FILE))
+            shutil.rmtree(source, ignore_errors=True)
             os.replace(staging, source)
+            self._state_written = True
         target = Path(directory) / NSPO_STATE_DIR
         staging = target.with_name(f".{NSPO_STATE_DIR}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
@@ -299,6 +301,7 @@ class NSPOTrainer(GRPOTrainer):
             raise ValueError(f"resume_from_checkpoint: {checkpoint} protects other layers than nspo_target_modules.")
         self.projector = self.constrained_update.projector = projector
         self.constrained_update.load_reference(load_file(str(state / REFERENCE_FILE)))
+        self._state_written = False  # the next checkpoint carries the restored state
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         checkpoint = resume_from_checkpoint

@@ -359,3 +359,20 @@ def test_projector_cache_is_reused_and_guarded(
                 nspo_args(tmp_path, max_steps=1, nspo_projector_path=str(cache), **overrides),
             )  # fmt: skip
         assert ("rule" in str(info.value)) == ("nspo_alpha" in overrides)
+
+
+def test_checkpoint_state_belongs_to_the_run_that_wrote_it(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    """A second run in the same output_dir (other α) must not reuse the first run's saved projector."""
+    from nspo_trl.nullspace.projector import NullSpaceProjector
+
+    for alpha in (1e-10, 1e-3):
+        trainer = make_trainer(
+            tiny_model_dir, tokenizer, safety_prompts, preservation_small,
+            nspo_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, nspo_alpha=alpha),
+        )  # fmt: skip
+        trainer.train()
+        saved = NullSpaceProjector.load(tmp_path / "out" / "checkpoint-2" / "nspo" / "projector")
+        assert saved.rule.alpha == alpha
+    assert "2402.03300" in NSPOTrainer._paper["citation"] and "2512.11391" in NSPOTrainer._paper["citation"]
