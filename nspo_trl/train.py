@@ -2,6 +2,7 @@
 
     python -m nspo_trl.train                       # the CPU smoke recipe (tiny local model, bundled data)
     python -m nspo_trl.train recipes/smoke.yaml --max_steps 10
+    python -m nspo_trl.train recipes/qwen7b.yaml --dry-run   # check the recipe, print config + memory, load nothing
     accelerate launch --config_file accelerate_configs/<cfg>.yaml -m nspo_trl.train recipes/<recipe>.yaml
 
 The recipe is parsed by TRL's ``TrlParser`` into ``NSPOScriptArguments``, [`NSPOConfig`] and
@@ -12,6 +13,8 @@ leakage) to ``output_dir``.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import importlib
 import json
 import logging
@@ -32,9 +35,12 @@ from nspo_trl.data import (
     pku_saferlhf_prompts,
     preservation_pairs,
 )
+from nspo_trl.plan import print_plan
+from nspo_trl.recipe import check_paths, check_recipe_fields, load_recipe
 from nspo_trl.rewards import JudgeError, LlamaGuardReward, LocalGuardReward, refusal_reward
 from nspo_trl.tiny_model import build_tiny_model
 from nspo_trl.trainer import NSPOTrainer
+from nspo_trl.versions import check_versions
 
 logger = logging.getLogger("nspo_trl.train")
 
@@ -96,6 +102,22 @@ class NSPOScriptArguments(ScriptArguments):
     )
     tiny_hidden_size: int = field(default=256, metadata={"help": "Hidden size of the tiny model."})
     tiny_intermediate_size: int = field(default=512, metadata={"help": "MLP width of the tiny model."})
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Check the recipe and print the resolved config and memory figures; load and write nothing."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}; the paper uses 0.4.")
+        if self.judge_mode not in ("probability", "threshold"):
+            raise ValueError(f"judge_mode must be 'probability' or 'threshold', got {self.judge_mode!r}.")
+        unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS and n not in JUDGES and "." not in n]
+        if unknown:
+            raise ValueError(f"reward_funcs: {unknown[0]!r} is neither one of "
+                             f"{sorted([*REWARD_FUNCS, *JUDGES])} nor 'module.function'.")  # fmt: skip
 
 
 def resolve_reward(name: str, script_args: NSPOScriptArguments | None = None):
@@ -256,28 +278,73 @@ def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args
     return summary
 
 
+DATACLASSES = (NSPOScriptArguments, NSPOConfig, ModelConfig)
+
+
+class RecipeParser(TrlParser):
+    """``TrlParser`` whose argument errors are one-line ``ValueError`` s instead of a usage dump."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
 def make_parser() -> TrlParser:
-    return TrlParser((NSPOScriptArguments, NSPOConfig, ModelConfig))
+    return RecipeParser(DATACLASSES)
 
 
 def parse(argv: list[str]) -> tuple[NSPOScriptArguments, NSPOConfig, ModelConfig]:
-    """A leading ``*.yaml`` path is the recipe (``--config``); no recipe at all means the smoke recipe."""
+    """A leading ``*.yaml`` path is the recipe (``--config``); no recipe at all means the smoke recipe.
+
+    The recipe is checked first (unknown fields, wrong types), then parsed with TRL's parser.
+    """
     argv = list(argv)
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", argv[0], *argv[1:]]
     if "--config" not in argv:
         argv = ["--config", str(DEFAULT_RECIPE), *argv]
-    recipe = Path(argv[argv.index("--config") + 1])
-    if not recipe.is_file():
-        raise ValueError(f"recipe: {recipe} does not exist.")
-    return make_parser().parse_args_and_config(args=argv)
+    recipe = load_recipe(argv[argv.index("--config") + 1])
+    check_recipe_fields(recipe, DATACLASSES)
+    dry_run = any(a in ("--dry-run", "--dry_run") for a in argv) or bool(recipe.get("dry_run"))
+    import torch
+
+    simulated_cpu = dry_run and not torch.cuda.is_available() and not recipe.get("use_cpu")
+    if simulated_cpu:  # let a GPU recipe (bf16) be checked on a machine without a GPU
+        argv += ["--use_cpu", "true"]
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    if simulated_cpu:
+        training_args.use_cpu = False
+    check_paths(script_args, model_args)
+    return script_args, training_args, model_args
+
+
+def dry_run(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig) -> None:
+    """Print the resolved fields that differ from their defaults, then the memory plan."""
+    import yaml
+
+    resolved = {}
+    for name, obj in zip(("script", "training", "model"), (script_args, training_args, model_args), strict=True):
+        changed = {}
+        for f in dataclasses.fields(obj):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            value = getattr(obj, f.name)
+            if value != default and f.name != "dry_run":
+                value = value.value if isinstance(value, enum.Enum) else value
+                plain = type(value) in (int, float, str, bool, list, type(None))
+                changed[f.name] = value if plain else str(value)
+        resolved[name] = changed
+    print(yaml.safe_dump(resolved, sort_keys=True, width=119))
+    print_plan(script_args, training_args, model_args)
 
 
 def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        check_versions(("trl", "transformers", "deepspeed"))
         script_args, training_args, model_args = parse(sys.argv[1:] if argv is None else argv)
-        main(script_args, training_args, model_args)
+        if script_args.dry_run:
+            dry_run(script_args, training_args, model_args)
+        else:
+            main(script_args, training_args, model_args)
     except (ValueError, JudgeError) as err:  # bad settings, or a judge that cannot give verdicts
         print(f"nspo_trl.train: error: {err}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -11,7 +12,7 @@ from typing import ClassVar
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 
 from nspo_trl.config import NSPOConfig
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 NSPO_STATE_DIR = "nspo"
 REFERENCE_FILE = "reference.safetensors"
+COMMIT_MARKER = "COMMITTED"  # written last: a checkpoint without it was interrupted mid-save
 
 NSPO_CITATION = """\
 @inproceedings{niu2026nspo,
@@ -263,17 +265,62 @@ class NSPOTrainer(GRPOTrainer):
             logs.update(self.nspo_metrics())
         super().log(logs, start_time)
 
+    # ------------------------------------------------------------------ model card
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs) -> None:
+        """TRL's card (tags ``trl``/``grpo``/``nspo``, NSPO and GRPO citations) plus an NSPO section:
+        settings, leakage at save time and the projector per input group."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
+        readme = Path(self.args.output_dir) / "README.md"
+        if self.is_world_process_zero() and readme.is_file():
+            readme.write_text(readme.read_text().rstrip() + "\n\n" + self.nspo_card_section() + "\n")
+
+    def nspo_card_section(self) -> str:
+        args: NSPOConfig = self.args
+        meta = self.projector.metadata
+        leakage = {split: max(v.values()) for split, v in self.leakage().items() if v}
+        lines = [
+            "## NSPO",
+            "",
+            "Trained with [NSPO](https://huggingface.co/papers/2512.11391): after every "
+            f"{args.nspo_project_every} optimizer step(s), each protected weight is set to "
+            "`W_ref + (W − W_ref) P`, where `P` projects onto the null space of the layer's inputs on "
+            "general-task (preservation) data, so outputs on such inputs stay unchanged.",
+            "",
+            "| setting | value |",
+            "|---|---|",
+            f"| protected modules | `{', '.join(args.nspo_target_modules)}` ({len(self.protected_layers)} linears) |",
+            f"| null space rule | λ ≤ {args.nspo_alpha:g}·λmax, energy {args.nspo_energy}, "
+            f"max null rank {args.nspo_max_null_rank} |",
+            f"| preservation examples | {meta.get('fit_examples')} fit, {meta.get('heldout_examples')} held out, "
+            f"{meta.get('fit_tokens')} tokens |",
+        ]
+        lines += [f"| leakage ({split}), max over layers | {value:.2e} |" for split, value in leakage.items()]
+        lines += [
+            "",
+            "Leakage is `‖X (W − W_ref)ᵀ‖ / ‖X W_refᵀ‖` on reference-model inputs `X` of the preservation data.",
+            "The projector (thin bases, eigenvalues, metadata) is in `nspo_projector/`.",
+            "",
+            "| input group | in | null dim | stored basis | modules |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{group}` | {st['in_features']} | {st['null_dim']} | {st['stored']} × {st['stored_dim']} "
+            f"| {len(st['modules'])} |"
+            for group, st in self.projector.stats().items()
+        ]
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------ checkpoints
     def save_nspo_state(self, directory: str | os.PathLike) -> None:
         """Write the projector, the reference weights and the probes under ``directory/nspo``.
 
         The state never changes during a run, so this trainer writes it once (under
-        ``output_dir/.nspo_state``, replacing whatever an earlier run left there) and hard-links it
+        ``output_dir/_nspo_state``, replacing whatever an earlier run left there) and hard-links it
         into each checkpoint (copying where links fail).
         """
-        source = Path(self.args.output_dir) / ".nspo_state"
+        source = Path(self.args.output_dir) / "_nspo_state"  # "_*" is never uploaded by push_to_hub
         if not self._state_written:
-            staging = source.with_name(".nspo_state.tmp")
+            staging = source.with_name("_nspo_state.tmp")
             shutil.rmtree(staging, ignore_errors=True)
             self.projector.save(staging / "projector")
             reference = {k: v.detach().cpu().contiguous() for k, v in self.constrained_update.reference.items()}
@@ -285,8 +332,31 @@ class NSPOTrainer(GRPOTrainer):
         staging = target.with_name(f".{NSPO_STATE_DIR}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(source, staging, copy_function=_link_or_copy)
+        (staging / COMMIT_MARKER).write_text(json.dumps({"global_step": self.state.global_step}))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Commit each checkpoint before any older one is rotated away.
+
+        transformers writes ``checkpoint-N`` in place and then deletes checkpoints beyond
+        ``save_total_limit``. Here rotation waits until ``checkpoint-N/nspo/COMMITTED`` exists (written
+        last, after the NSPO state), so a crash mid-save always leaves a committed checkpoint to resume.
+        """
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            self.save_nspo_state(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            rotate_checkpoints(
+                output_dir=self.args.output_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def load_nspo_state(self, checkpoint: str | os.PathLike) -> None:
         """Restore projector, ``W_ref`` and probes saved by [`save_nspo_state`] in ``checkpoint``."""
@@ -303,13 +373,31 @@ class NSPOTrainer(GRPOTrainer):
         self.constrained_update.load_reference(load_file(str(state / REFERENCE_FILE)))
         self._state_written = False  # the next checkpoint carries the restored state
 
+    def last_committed_checkpoint(self) -> str | None:
+        """The newest committed checkpoint in ``output_dir``; interrupted newer ones are renamed
+        ``incomplete-checkpoint-N`` (kept for inspection, out of the way of later saves)."""
+        root = Path(self.args.output_dir)
+        found = sorted(
+            (int(p.name.rsplit("-", 1)[1]), p) for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()
+        )
+        for _, path in reversed(found):
+            if (path / NSPO_STATE_DIR / COMMIT_MARKER).is_file():
+                return str(path)
+            if self.accelerator.is_main_process:
+                logger.warning("NSPO: %s was not fully saved (interrupted); setting it aside.", path)
+                os.replace(path, path.with_name(f"incomplete-{path.name}"))
+        return None
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``resume_from_checkpoint=True`` (or ``"last"``) resumes from the newest *committed* checkpoint."""
         checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint is True or (isinstance(checkpoint, str) and checkpoint.lower() in ("true", "last")):
+            checkpoint = self.last_committed_checkpoint()
+            if checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint: no committed checkpoint in {self.args.output_dir}.")
         if isinstance(checkpoint, str):
             self.load_nspo_state(checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        return super().train(checkpoint, *args, **kwargs)
 
 
 class _NSPOCallback(TrainerCallback):
@@ -341,11 +429,6 @@ class _NSPOCallback(TrainerCallback):
         finishing = control.should_save or control.should_training_stop or state.global_step >= state.max_steps
         if args.nspo_project_every and self.trainer._dirty and finishing:
             self.trainer.project_updates()
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            self.trainer.save_nspo_state(checkpoint)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -1,0 +1,88 @@
+"""Recipes: every shipped one passes --dry-run; malformed ones stop with one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nspo_trl import versions
+from nspo_trl.train import cli
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_passes_dry_run(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert cli([str(recipe), "--dry-run", "--output_dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "plan for" in out and "per process, nspo_trl" in out
+    assert not (tmp_path / "out").exists()  # nothing loaded, nothing written
+
+
+def test_dry_run_figures_for_the_paper_recipe(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    cli([str(REPO / "recipes" / "qwen7b.yaml"), "--dry-run", "--output_dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    # 28 layers x (gate, up, down) of 3584 x 18944; gate/up share an input: 56 groups
+    assert "84 protected linears (5.703 B params) in 56 input groups" in out
+    assert "dense P    40.11 GiB" in out  # the reference code's dense fp32 P per linear
+
+
+def smoke_with(tmp_path, **changes) -> str:
+    recipe = yaml.safe_load((REPO / "recipes" / "smoke.yaml").read_text())
+    recipe.update(changes)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def write(tmp_path, text) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+MALFORMED = {
+    "unknown key": (lambda t: [smoke_with(t, max_stepz=3)], "max_stepz"),
+    "string for int": (lambda t: [smoke_with(t, max_steps="abc")], "max_steps"),
+    "list for float": (lambda t: [smoke_with(t, nspo_alpha=[1])], "nspo_alpha"),
+    "string for bool": (lambda t: [smoke_with(t, use_cpu="yes")], "use_cpu"),
+    "invalid yaml": (lambda t: [write(t, "max_steps: [1,\n")], "recipe"),
+    "not a mapping": (lambda t: [write(t, "- max_steps\n- 3\n")], "recipe"),
+    "override type": (lambda t: [smoke_with(t), "--max_steps", "abc"], "max_steps"),
+    "unknown override": (lambda t: [smoke_with(t), "--nspo_alfa", "1e-4"], "nspo_alfa"),
+    "alpha range": (lambda t: [smoke_with(t), "--nspo_alpha", "1.5"], "nspo_alpha"),
+    "missing data file": (lambda t: [smoke_with(t, dataset_name="./no/such/prompts.jsonl")], "dataset_name"),
+    "missing model dir": (
+        lambda t: [smoke_with(t, model_name_or_path="./no-model", build_tiny_model=False)],
+        "model_name_or_path",
+    ),
+    "fraction range": (lambda t: [smoke_with(t), "--train_fraction", "1.5"], "train_fraction"),
+    "judge mode": (lambda t: [smoke_with(t), "--judge_mode", "vote"], "judge_mode"),
+    "unknown reward": (lambda t: [smoke_with(t, reward_funcs=["nope"])], "reward_funcs"),
+    "missing recipe": (lambda t: [str(t / "absent.yaml")], "recipe"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_recipe_is_one_line_exit_2_nothing_written(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    make_args, field = MALFORMED[case]
+    out = tmp_path / "out"
+    assert cli([*make_args(tmp_path), "--output_dir", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("nspo_trl.train: error:") and field in lines[-1], lines[-3:]
+    assert not out.exists()
+
+
+def test_unsupported_library_version_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    real = versions.installed
+    monkeypatch.setattr(versions, "installed", lambda name: "1.15.0" if name == "trl" else real(name))
+    assert cli([smoke_with(tmp_path), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "trl 1.15.0 is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
