@@ -37,7 +37,8 @@ class NSPOConfig(GRPOConfig):
             end). `1` keeps every weight the model, vLLM and checkpoints see inside the null space;
             `0` disables the projection (plain GRPO that still logs leakage).
         nspo_num_preservation_samples (`int` or `None`):
-            Use at most this many preservation examples (the first ones); `None` uses all.
+            Use a random subset of this many preservation examples (seeded by `seed`; the paper: 1k Alpaca
+            examples); `None` uses all.
         nspo_preservation_max_length (`int`, defaults to `512`):
             Truncate each preservation example to this many tokens.
         nspo_preservation_batch_size (`int`, defaults to `8`):
@@ -66,7 +67,7 @@ class NSPOConfig(GRPOConfig):
         default=1, metadata={"help": "Project every N optimizer steps (0 disables the projection)."}
     )
     nspo_num_preservation_samples: int | None = field(
-        default=None, metadata={"help": "Use at most this many preservation examples."}
+        default=None, metadata={"help": "Use a seeded random subset of this many preservation examples."}
     )
     nspo_preservation_max_length: int = field(default=512, metadata={"help": "Tokens per preservation example."})
     nspo_preservation_batch_size: int = field(default=8, metadata={"help": "Batch size of covariance collection."})

@@ -210,7 +210,8 @@ def print_summary(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title="NSPO projector (per input group)")
-    for column in ("group", "in", "null dim", "stored", "null λ/λmax", "modules"):
+    table.add_column("group", overflow="fold")
+    for column in ("in", "null dim", "stored", "null λ/λmax", "modules"):
         table.add_column(column)
     for group, stats in summary["projector_layers"].items():
         rel = stats["null_lambda_rel"]

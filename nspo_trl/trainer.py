@@ -137,7 +137,7 @@ class NSPOTrainer(GRPOTrainer):
 
         if args.nspo_num_preservation_samples is not None:
             count = min(args.nspo_num_preservation_samples, len(preservation_dataset))
-            preservation_dataset = preservation_dataset.select(range(count))
+            preservation_dataset = preservation_dataset.shuffle(seed=args.seed).select(range(count))
         sequences = tokenize_preservation(
             preservation_dataset, self.processing_class, args.nspo_preservation_max_length
         )
