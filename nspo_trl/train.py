@@ -346,7 +346,7 @@ def cli(argv: list[str] | None = None) -> int:
             dry_run(script_args, training_args, model_args)
         else:
             main(script_args, training_args, model_args)
-    except (ValueError, JudgeError) as err:  # bad settings, or a judge that cannot give verdicts
+    except (ValueError, JudgeError, NotImplementedError) as err:  # bad settings, no judge, unsupported launch
         print(f"nspo_trl.train: error: {err}", file=sys.stderr)
         return 2
     return 0
