@@ -105,10 +105,12 @@ def main() -> None:
     parser.add_argument("--null-fraction", type=float, default=0.5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layers", type=int, help="use this many decoder layers instead of the preset's")
     parser.add_argument("--skip-dense", action="store_true", help="do not time the dense-P baseline")
     args = parser.parse_args()
     device = torch.device(args.device)
     hidden, intermediate, num_layers = PRESETS[args.preset]
+    num_layers = args.layers or num_layers
     layers, projector = build(hidden, intermediate, num_layers, args.null_fraction, device)
     update = ConstrainedUpdate(layers, projector)
     perturb(layers)
