@@ -120,7 +120,7 @@ class NSPOScriptArguments(ScriptArguments):
                              f"{sorted([*REWARD_FUNCS, *JUDGES])} nor 'module.function'.")  # fmt: skip
 
 
-def resolve_reward(name: str, script_args: NSPOScriptArguments | None = None):
+def resolve_reward(name: str, script_args: NSPOScriptArguments):
     if name == "llama_guard":
         api_key = os.environ.get(script_args.judge_api_key_env) if script_args.judge_api_key_env else None
         return LlamaGuardReward(
@@ -164,8 +164,11 @@ def load_training_prompts(script_args: NSPOScriptArguments, seed: int):
     return dataset
 
 
-def load_preservation(script_args: NSPOScriptArguments, model_path: str):
-    """Preservation conversations: as stored, mapped from prompt/response columns, or answered by the model."""
+def load_preservation(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_path: str):
+    """Preservation conversations: as stored, mapped from prompt/response columns, or answered by the model.
+
+    Generation only answers the seeded subset the trainer keeps (``nspo_num_preservation_samples``).
+    """
     dataset = load_named_dataset(
         script_args.preservation_dataset_name,
         script_args.preservation_dataset_split,
@@ -175,6 +178,9 @@ def load_preservation(script_args: NSPOScriptArguments, model_path: str):
         column = script_args.preservation_prompt_column or "prompt"
         if column not in dataset.column_names:
             raise ValueError(f"preservation_prompt_column: {column!r} is not a column of the preservation data.")
+        count = training_args.nspo_num_preservation_samples
+        if count is not None and count < len(dataset):
+            dataset = dataset.shuffle(seed=training_args.seed).select(range(count))
         return generate_preservation_responses(dataset[column], model_path, script_args.preservation_max_new_tokens)
     if script_args.preservation_prompt_column or script_args.preservation_response_column:
         if not (script_args.preservation_prompt_column and script_args.preservation_response_column):
@@ -258,7 +264,7 @@ def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
     train_dataset = load_training_prompts(script_args, training_args.seed)
-    preservation = load_preservation(script_args, model_path)
+    preservation = load_preservation(script_args, training_args, model_path)
     trainer = NSPOTrainer(
         model=model_path,
         reward_funcs=[resolve_reward(name, script_args) for name in script_args.reward_funcs],

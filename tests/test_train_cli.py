@@ -112,3 +112,27 @@ def test_unreachable_judge_stops_before_training(tmp_path, monkeypatch, capsys):
     assert code == 2
     assert "vllm serve" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_generated_preservation_answers_only_the_kept_subset(tmp_path, monkeypatch):
+    import nspo_trl.train as train_module
+
+    monkeypatch.chdir(REPO)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(40)))
+    seen = []
+    real = train_module.generate_preservation_responses
+
+    def spy(prompt_list, model_path, max_new_tokens):
+        seen.append(list(prompt_list))
+        return real(prompt_list, model_path, max_new_tokens, use_vllm=False)
+
+    monkeypatch.setattr(train_module, "generate_preservation_responses", spy)
+    code = cli(smoke_args(
+        tmp_path, "--preservation_dataset_name", str(prompts), "--generate_preservation_responses", "true",
+        "--preservation_max_new_tokens", "4", "--nspo_num_preservation_samples", "5",
+    ))  # fmt: skip
+    assert code == 0
+    assert len(seen) == 1 and len(seen[0]) == 5  # 5 of 40 prompts answered, not all
+    summary = json.loads((tmp_path / "out" / "nspo_summary.json").read_text())
+    assert summary["projector"]["modules"] == 6
