@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
@@ -312,8 +313,6 @@ def parse(argv: list[str]) -> tuple[NSPOScriptArguments, NSPOConfig, ModelConfig
     recipe = load_recipe(argv[argv.index("--config") + 1])
     check_recipe_fields(recipe, DATACLASSES)
     dry_run = any(a in ("--dry-run", "--dry_run") for a in argv) or bool(recipe.get("dry_run"))
-    import torch
-
     simulated_cpu = dry_run and not torch.cuda.is_available() and not recipe.get("use_cpu")
     if simulated_cpu:  # let a GPU recipe (bf16) be checked on a machine without a GPU
         argv += ["--use_cpu", "true"]
