@@ -32,6 +32,17 @@ BUNDLED_PREFIX = "nspo_trl:"
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def seeded_subset(dataset: Dataset, count: int | None, seed: int) -> Dataset:
+    """``min(count, len)`` examples drawn without replacement with ``seed``; ``count=None`` keeps ``dataset`` as is.
+
+    The one sampler for every subset (PKU-SafeRLHF prompts, preservation sets): the CLI generates
+    preservation answers only for the subset the trainer later keeps, which relies on both calling this.
+    """
+    if count is None:
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(min(count, len(dataset))))
+
+
 def bundled_path(name: str) -> Path:
     path = Path(str(resources.files("nspo_trl") / "resources" / f"{name}.jsonl"))
     if not path.is_file():
@@ -84,7 +95,7 @@ def pku_saferlhf_prompts(
         {"prompt": [[{"role": "user", "content": t}] for t in texts], "is_harmful": [harmful[t] for t in texts]}
     )
     count = max(1, round(fraction * len(unique)))
-    return unique.shuffle(seed=seed).select(range(count))
+    return seeded_subset(unique, count, seed)
 
 
 def preservation_pairs(
@@ -104,7 +115,7 @@ def preservation_pairs(
     if missing:
         raise ValueError(f"preservation_dataset: missing columns {missing}; it has {dataset.column_names}.")
     if num_samples is not None and num_samples < len(dataset):
-        dataset = dataset.shuffle(seed=seed).select(range(num_samples))
+        dataset = seeded_subset(dataset, num_samples, seed)
 
     def to_messages(example):
         prompt = example[prompt_column]

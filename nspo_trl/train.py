@@ -35,6 +35,7 @@ from nspo_trl.data import (
     load_named_dataset,
     pku_saferlhf_prompts,
     preservation_pairs,
+    seeded_subset,
 )
 from nspo_trl.plan import print_plan
 from nspo_trl.recipe import check_paths, check_recipe_fields, load_recipe
@@ -179,9 +180,7 @@ def load_preservation(script_args: NSPOScriptArguments, training_args: NSPOConfi
         column = script_args.preservation_prompt_column or "prompt"
         if column not in dataset.column_names:
             raise ValueError(f"preservation_prompt_column: {column!r} is not a column of the preservation data.")
-        count = training_args.nspo_num_preservation_samples
-        if count is not None and count < len(dataset):
-            dataset = dataset.shuffle(seed=training_args.seed).select(range(count))
+        dataset = seeded_subset(dataset, training_args.nspo_num_preservation_samples, training_args.seed)
         return generate_preservation_responses(dataset[column], model_path, script_args.preservation_max_new_tokens)
     if script_args.preservation_prompt_column or script_args.preservation_response_column:
         if not (script_args.preservation_prompt_column and script_args.preservation_response_column):

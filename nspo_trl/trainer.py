@@ -16,6 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 
 from nspo_trl.config import NSPOConfig
+from nspo_trl.data import seeded_subset
 from nspo_trl.nullspace.collect import CovarianceCollector, run_collection
 from nspo_trl.nullspace.projector import NullSpaceProjector, tensor_digest
 from nspo_trl.nullspace.targets import ProtectedLayer, resolve_protected_layers
@@ -135,9 +136,7 @@ class NSPOTrainer(GRPOTrainer):
         if preservation_dataset is None:
             return self._load_cached_projector(cache, metadata)
 
-        if args.nspo_num_preservation_samples is not None:
-            count = min(args.nspo_num_preservation_samples, len(preservation_dataset))
-            preservation_dataset = preservation_dataset.shuffle(seed=args.seed).select(range(count))
+        preservation_dataset = seeded_subset(preservation_dataset, args.nspo_num_preservation_samples, args.seed)
         sequences = tokenize_preservation(
             preservation_dataset, self.processing_class, args.nspo_preservation_max_length
         )
