@@ -78,15 +78,19 @@ def sequences_digest(sequences: Sequence[list[int]], max_length: int) -> str:
 
 
 def iter_batches(
-    sequences: Sequence[list[int]], batch_size: int, pad_token_id: int
+    sequences: Sequence[list[int]], batch_size: int, pad_token_id: int, left: bool = False
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Right-padded ``input_ids``/``attention_mask`` batches (``(batch, longest)``), in order."""
+    """Padded ``input_ids``/``attention_mask`` batches (``(batch, longest)``), in order.
+
+    Right padding by default; ``left=True`` aligns every row's last token on the last position.
+    """
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
         width = max(len(ids) for ids in chunk)
         input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, ids in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
+            columns = slice(width - len(ids), width) if left else slice(0, len(ids))
+            input_ids[row, columns] = torch.tensor(ids)
+            attention_mask[row, columns] = 1
         yield {"input_ids": input_ids, "attention_mask": attention_mask}

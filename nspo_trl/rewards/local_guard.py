@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from nspo_trl.preservation import iter_batches
 from nspo_trl.rewards.guard import GuardVerdict, guard_conversation, rewards_from_verdicts
 
 
@@ -76,21 +77,14 @@ class LocalGuardReward:
         ]
         device = next(self.model.parameters()).device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         out: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            encoded = [
-                self.tokenizer(t, add_special_tokens=False)["input_ids"]
-                for t in texts[start : start + self.batch_size]
-            ]
-            width = max(len(ids) for ids in encoded)
-            input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, ids in enumerate(encoded):  # left padding: every row's verdict position is the last one
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                mask[row, width - len(ids) :] = 1
+        # left padding: every row's verdict position is the last one
+        for batch in iter_batches(encoded, self.batch_size, pad_id, left=True):
+            mask = batch["attention_mask"].to(device)
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
             logits = self.model(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
+                input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=positions
             ).logits[:, -1, self.verdict_ids]
             out += torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
         return out
