@@ -29,7 +29,8 @@ PKU_SAFERLHF = "PKU-Alignment/PKU-SafeRLHF"
 PKU_SAFETY_COLUMNS = ("is_response_0_safe", "is_response_1_safe")
 
 BUNDLED_PREFIX = "nspo_trl:"
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# local data files load_named_dataset reads, by suffix: the datasets builder for each
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def seeded_subset(dataset: Dataset, count: int | None, seed: int) -> Dataset:
@@ -55,7 +56,7 @@ def load_named_dataset(name: str, split: str = "train", config: str | None = Non
     """Load ``name`` (bundled, local file or Hub id) and return ``split``."""
     if name.startswith(BUNDLED_PREFIX):
         return load_dataset("json", data_files=str(bundled_path(name.removeprefix(BUNDLED_PREFIX))), split="train")
-    builder = _FILE_BUILDERS.get(Path(name).suffix)
+    builder = DATA_FILE_BUILDERS.get(Path(name).suffix)
     if builder is not None and Path(name).is_file():
         return load_dataset(builder, data_files=name, split="train")
     return load_dataset(name, config, split=split)

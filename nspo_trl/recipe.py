@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+from nspo_trl.data import DATA_FILE_BUILDERS
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -74,7 +74,7 @@ def _matches(value, annotation) -> bool:
 
 
 def looks_like_path(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~")) or value.endswith(DATA_SUFFIXES)
+    return value.startswith(("/", "./", "../", "~")) or value.endswith(tuple(DATA_FILE_BUILDERS))
 
 
 def check_paths(script_args, model_args) -> None:

@@ -49,6 +49,11 @@ def guard_conversation(prompt, completion) -> list[dict[str, str]]:
     return [*turns, {"role": "assistant", "content": completion_text(completion)}]
 
 
+def guard_conversations(prompts: Sequence, completions: Sequence) -> list[list[dict[str, str]]]:
+    """:func:`guard_conversation` for each (prompt, completion) pair of a TRL reward call."""
+    return [guard_conversation(p, c) for p, c in zip(prompts, completions, strict=True)]
+
+
 def rewards_from_verdicts(
     verdicts: Sequence[GuardVerdict],
     safe_reward: float,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import aiohttp
 
-from nspo_trl.rewards.guard import GuardVerdict, JudgeError, guard_conversation, parse_verdict, rewards_from_verdicts
+from nspo_trl.rewards.guard import GuardVerdict, JudgeError, guard_conversations, parse_verdict, rewards_from_verdicts
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 SERVE_HINT = "start one with `vllm serve meta-llama/Llama-Guard-3-8B --port 8000`"
@@ -92,7 +92,7 @@ class LlamaGuardReward:
         log_metric: Callable[[str, float], None] | None = None,
         **kwargs,
     ) -> list[float]:
-        conversations = [guard_conversation(p, c) for p, c in zip(prompts, completions, strict=True)]
+        conversations = guard_conversations(prompts, completions)
         retries_before = self.stats["retries"]
         verdicts = await self.judge(conversations)
         if log_metric is not None:

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from nspo_trl.preservation import iter_batches
-from nspo_trl.rewards.guard import GuardVerdict, guard_conversation, rewards_from_verdicts
+from nspo_trl.rewards.guard import GuardVerdict, guard_conversations, rewards_from_verdicts
 
 
 class LocalGuardReward:
@@ -96,7 +96,7 @@ class LocalGuardReward:
         log_metric: Callable[[str, float], None] | None = None,
         **kwargs,
     ) -> list[float]:
-        conversations = [guard_conversation(p, c) for p, c in zip(prompts, completions, strict=True)]
+        conversations = guard_conversations(prompts, completions)
         probabilities = self.unsafe_probability(conversations)
         verdicts = [GuardVerdict(unsafe=p >= self.threshold) for p in probabilities]
         if self.mode == "threshold":
