@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 from nspo_trl.nullspace.targets import expand_patterns
+from nspo_trl.tiny_model import tiny_model_shape
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "auto": 2}
 GiB = 2**30
@@ -42,8 +43,7 @@ def model_config(model: str, tiny: tuple[int, int] | None = None) -> dict | None
         return json.loads(local.read_text())
     if tiny is not None:
         hidden, intermediate = tiny
-        return {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
+        return tiny_model_shape(hidden_size=hidden, intermediate_size=intermediate)
     return shipped_config(model)
 
 

@@ -58,8 +58,7 @@ def build_tokenizer(vocab_size: int = 512):
     )
 
 
-def build_tiny_model(
-    output_dir: str | Path,
+def tiny_model_shape(
     hidden_size: int = 64,
     intermediate_size: int = 128,
     num_hidden_layers: int = 2,
@@ -67,22 +66,32 @@ def build_tiny_model(
     num_key_value_heads: int = 2,
     vocab_size: int = 512,
     tie_word_embeddings: bool = False,
-    seed: int = 0,
-) -> Path:
-    """Write a random tiny ``Qwen2ForCausalLM`` (fp32) and its tokenizer to ``output_dir``; return the path."""
+) -> dict:
+    """The ``Qwen2Config`` shape fields of the tiny model (also what ``--dry-run`` plans with)."""
+    return {
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+
+
+def build_tiny_model(output_dir: str | Path, seed: int = 0, **shape) -> Path:
+    """Write a random tiny ``Qwen2ForCausalLM`` (fp32) and its tokenizer to ``output_dir``; return the path.
+
+    ``shape`` overrides fields of :func:`tiny_model_shape` (e.g. ``hidden_size=256``).
+    """
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     output_dir = Path(output_dir)
-    tokenizer = build_tokenizer(vocab_size)
+    fields = tiny_model_shape(**shape)
+    tokenizer = build_tokenizer(fields["vocab_size"])
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
+        **{**fields, "vocab_size": len(tokenizer)},
         max_position_embeddings=512,
-        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
