@@ -9,16 +9,20 @@ import shutil
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 
 from nspo_trl.config import NSPOConfig
 from nspo_trl.data import seeded_subset
+from nspo_trl.nullspace.access import full_shape, gathered, parameter_access
 from nspo_trl.nullspace.collect import CovarianceCollector, run_collection
 from nspo_trl.nullspace.projector import NullSpaceProjector, tensor_digest
+from nspo_trl.nullspace.sharding import assign_owners, group_cost
 from nspo_trl.nullspace.targets import ProtectedLayer, resolve_protected_layers
 from nspo_trl.nullspace.update import ConstrainedUpdate
 from nspo_trl.preservation import iter_batches, sequences_digest, split_heldout, tokenize_preservation
@@ -26,7 +30,7 @@ from nspo_trl.preservation import iter_batches, sequences_digest, split_heldout,
 logger = logging.getLogger(__name__)
 
 NSPO_STATE_DIR = "nspo"
-REFERENCE_FILE = "reference.safetensors"
+REFERENCE_PATTERN = "reference-rank{rank:05d}-of-{world:05d}.safetensors"  # W_ref of the layers a rank owns
 COMMIT_MARKER = "COMMITTED"  # written last: a checkpoint without it was interrupted mid-save
 
 NSPO_CITATION = """\
@@ -97,27 +101,45 @@ class NSPOTrainer(GRPOTrainer):
             processing_class=processing_class,
             **kwargs,
         )
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_fsdp_enabled:
             raise NotImplementedError(
-                "NSPOTrainer: DeepSpeed/FSDP are not supported yet; the ZeRO-aware update (fp32 master and "
-                "partitioned params) is tracked separately. Use single-device or DDP launches."
+                "NSPOTrainer: FSDP is not supported; launch with a DeepSpeed ZeRO-3 config instead "
+                "(accelerate_configs/zero3.yaml), which shards the model the same way."
             )
         self.protected_layers: list[ProtectedLayer] = resolve_protected_layers(self.model, args.nspo_target_modules)
         device = self.protected_layers[0].linear.weight.device
         self.projector: NullSpaceProjector = self.build_projector(preservation_dataset).to(device)
-        self.constrained_update = ConstrainedUpdate(self.protected_layers, self.projector)
+        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+        access = parameter_access(zero_stage)
+        self.constrained_update = ConstrainedUpdate(self.protected_layers, self.projector, access)
         self._freeze_unconstrainable()
         self._dirty = False
         self._state_written = False
         self._grad_null_fraction: float | None = None
+        self._last_leakage: dict[str, dict[str, float]] | None = None
         self.add_callback(_NSPOCallback(self))
+        self.projector.save(Path(args.output_dir) / "nspo_projector")
         if self.accelerator.is_main_process:
-            self.projector.save(Path(args.output_dir) / "nspo_projector")
             _log_projector(self.projector)
 
     # ------------------------------------------------------------------ projector
     def reference_fingerprint(self) -> str:
-        return tensor_digest({layer.name: layer.linear.weight for layer in self.protected_layers})
+        weights = [layer.linear.weight for layer in self.protected_layers]
+        with gathered(weights):
+            return tensor_digest({layer.name: layer.linear.weight for layer in self.protected_layers})
+
+    def group_owners(self, groups: dict[str, str]) -> dict[str, int]:
+        """Owner rank of each input group (``groups``: module → group), balancing ``W_ref`` + basis bytes."""
+        members: dict[str, list[int]] = {}
+        widths: dict[str, int] = {}
+        weight_bytes = self.protected_layers[0].linear.weight.element_size()
+        for layer in self.protected_layers:
+            out_features, in_features = full_shape(layer.linear.weight)
+            group = groups[layer.name]
+            widths[group] = in_features
+            members.setdefault(group, []).append(0 if layer.is_lora else out_features)
+        costs = {g: group_cost(widths[g], outs, weight_bytes) for g, outs in members.items()}
+        return assign_owners(costs, self.accelerator.num_processes)
 
     def build_projector(self, preservation_dataset: Dataset | None) -> NullSpaceProjector:
         """Collect preservation covariances at the current (reference) weights and build ``P``.
@@ -148,18 +170,20 @@ class NSPOTrainer(GRPOTrainer):
             seed=args.seed,
             fit_examples=len(fit),
             heldout_examples=len(heldout),
+            probe_splits=["fit", "heldout"] if heldout else ["fit"],
         )
         if cache is not None and cache.is_dir():
             return self._load_cached_projector(cache, metadata)
 
         modules = {layer.name: layer.linear for layer in self.protected_layers}
         fit_stats = self._collect(modules, fit, covariance=True, description="NSPO covariances")
-        fit_stats.all_reduce()
+        owners = self.group_owners(fit_stats.groups)
+        fit_stats.reduce_to_owners(owners)
         probes = {"fit": fit_stats.samples}
         if heldout:
-            probes["heldout"] = self._collect(
-                modules, heldout, covariance=False, description="NSPO held-out probes"
-            ).samples
+            heldout_stats = self._collect(modules, heldout, covariance=False, description="NSPO held-out probes")
+            heldout_stats.reduce_to_owners(owners)
+            probes["heldout"] = heldout_stats.samples
         metadata["fit_tokens"] = max(fit_stats.token_counts.values())
         projector = NullSpaceProjector.from_covariances(
             fit_stats.covariances,
@@ -168,8 +192,9 @@ class NSPOTrainer(GRPOTrainer):
             metadata=metadata,
             probes=probes,
             progress=self.accelerator.is_main_process,
+            owners=owners,
         )
-        if cache is not None and self.accelerator.is_main_process:
+        if cache is not None:
             projector.save(cache)
         return projector
 
@@ -187,14 +212,15 @@ class NSPOTrainer(GRPOTrainer):
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         batches = iter_batches(shard, args.nspo_preservation_batch_size, tokenizer.pad_token_id)
         total = -(-len(shard) // args.nspo_preservation_batch_size)
-        return run_collection(
-            self.model, batches, collector, self.accelerator.is_main_process, description=description, total=total
-        )
+        with gathered(list(self.model.parameters())):  # ZeRO-3: the reference forward needs whole weights
+            return run_collection(
+                self.model, batches, collector, self.accelerator.is_main_process, description=description, total=total
+            )
 
     def _load_cached_projector(self, cache: Path | None, expected: dict) -> NullSpaceProjector:
         if cache is None or not cache.is_dir():
             raise ValueError(f"nspo_projector_path: {cache} does not exist and no preservation_dataset was given.")
-        projector = NullSpaceProjector.load(cache)
+        projector = self._load_projector(cache)
         stored = {**projector.metadata, "rule": projector.rule.to_dict()}
         wanted = {**expected, "rule": self.args.nullspace_rule.to_dict()}
         differing = sorted(k for k in wanted if k in stored and stored[k] != wanted[k]) + sorted(
@@ -207,6 +233,13 @@ class NSPOTrainer(GRPOTrainer):
             )
         logger.info("NSPO: loaded cached projector from %s", cache)
         return projector
+
+    def _load_projector(self, directory: Path) -> NullSpaceProjector:
+        groups = NullSpaceProjector.read_groups(directory)
+        if set(groups) != {layer.name for layer in self.protected_layers}:
+            raise ValueError(f"{directory}: the projector protects other layers than nspo_target_modules.")
+        device = self.protected_layers[0].linear.weight.device
+        return NullSpaceProjector.load(directory, device=device, owners=self.group_owners(groups))
 
     def _freeze_unconstrainable(self) -> None:
         """Freeze what the projection cannot keep in the null space (nothing when it is disabled)."""
@@ -244,8 +277,15 @@ class NSPOTrainer(GRPOTrainer):
         self._dirty = False
 
     def leakage(self) -> dict[str, dict[str, float]]:
-        """Per split (``fit``/``heldout``) and layer: ``‖X (W − W_ref)ᵀ‖ / ‖X W_refᵀ‖`` on probe rows."""
-        return {split: self.constrained_update.leakage(rows) for split, rows in self.projector.probes.items()}
+        """Per split (``fit``/``heldout``) and layer: ``‖X (W − W_ref)ᵀ‖ / ‖X W_refᵀ‖`` on probe rows.
+
+        Collective (every rank calls it); the result is also kept for the model card.
+        """
+        splits = self.projector.metadata.get("probe_splits") or sorted(self.projector.probes)
+        self._last_leakage = {
+            split: self.constrained_update.leakage(self.projector.probes.get(split, {})) for split in splits
+        }
+        return self._last_leakage
 
     def nspo_metrics(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -276,7 +316,9 @@ class NSPOTrainer(GRPOTrainer):
     def nspo_card_section(self) -> str:
         args: NSPOConfig = self.args
         meta = self.projector.metadata
-        leakage = {split: max(v.values()) for split, v in self.leakage().items() if v}
+        if self._last_leakage is None and self.accelerator.num_processes == 1:
+            self.leakage()
+        leakage = {split: max(v.values()) for split, v in (self._last_leakage or {}).items() if v}
         lines = [
             "## NSPO",
             "",
@@ -315,25 +357,35 @@ class NSPOTrainer(GRPOTrainer):
 
         The state never changes during a run, so this trainer writes it once (under
         ``output_dir/_nspo_state``, replacing whatever an earlier run left there) and hard-links it
-        into each checkpoint (copying where links fail).
+        into each checkpoint (copying where links fail). Each rank writes the part it owns
+        (``reference-rank*.safetensors``, ``projector/factors-rank*.safetensors``); collective.
         """
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        main = self.accelerator.is_main_process
         source = Path(self.args.output_dir) / "_nspo_state"  # "_*" is never uploaded by push_to_hub
         if not self._state_written:
             staging = source.with_name("_nspo_state.tmp")
-            shutil.rmtree(staging, ignore_errors=True)
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
             self.projector.save(staging / "projector")
             reference = {k: v.detach().cpu().contiguous() for k, v in self.constrained_update.reference.items()}
-            save_file(reference, str(staging / REFERENCE_FILE))
-            shutil.rmtree(source, ignore_errors=True)
-            os.replace(staging, source)
+            save_file(reference, str(staging / REFERENCE_PATTERN.format(rank=rank, world=world)))
+            self.accelerator.wait_for_everyone()
+            if main:
+                shutil.rmtree(source, ignore_errors=True)
+                os.replace(staging, source)
             self._state_written = True
-        target = Path(directory) / NSPO_STATE_DIR
-        staging = target.with_name(f".{NSPO_STATE_DIR}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging, copy_function=_link_or_copy)
-        (staging / COMMIT_MARKER).write_text(json.dumps({"global_step": self.state.global_step}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        if main:
+            target = Path(directory) / NSPO_STATE_DIR
+            staging = target.with_name(f".{NSPO_STATE_DIR}.tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source, staging, copy_function=_link_or_copy)
+            (staging / COMMIT_MARKER).write_text(json.dumps({"global_step": self.state.global_step}))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+        self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, model, trial) -> None:
         """Commit each checkpoint before any older one is rotated away.
@@ -342,14 +394,15 @@ class NSPOTrainer(GRPOTrainer):
         ``save_total_limit``. Here rotation waits until ``checkpoint-N/nspo/COMMITTED`` exists (written
         last, after the NSPO state), so a crash mid-save always leaves a committed checkpoint to resume.
         """
+        self.leakage()  # collective: refresh the figures the model card reports
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
+        self.save_nspo_state(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
-            self.save_nspo_state(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             rotate_checkpoints(
                 output_dir=self.args.output_dir,
                 save_total_limit=limit,
@@ -358,18 +411,23 @@ class NSPOTrainer(GRPOTrainer):
             )
 
     def load_nspo_state(self, checkpoint: str | os.PathLike) -> None:
-        """Restore projector, ``W_ref`` and probes saved by [`save_nspo_state`] in ``checkpoint``."""
+        """Restore projector, ``W_ref`` and probes saved by [`save_nspo_state`] in ``checkpoint``.
+
+        Each rank loads what it owns now, whatever number of ranks wrote the checkpoint.
+        """
         state = Path(checkpoint) / NSPO_STATE_DIR
         if not state.is_dir():
             raise ValueError(
                 f"resume_from_checkpoint: {checkpoint} has no {NSPO_STATE_DIR}/ state (not an NSPO checkpoint)."
             )
-        device = self.protected_layers[0].linear.weight.device
-        projector = NullSpaceProjector.load(state / "projector", device=device)
-        if set(projector.groups) != {layer.name for layer in self.protected_layers}:
-            raise ValueError(f"resume_from_checkpoint: {checkpoint} protects other layers than nspo_target_modules.")
+        projector = self._load_projector(state / "projector")
         self.projector = self.constrained_update.projector = projector
-        self.constrained_update.load_reference(load_file(str(state / REFERENCE_FILE)))
+        wanted = set(self.constrained_update.reference)
+        reference: dict[str, torch.Tensor] = {}
+        for shard in sorted(state.glob("reference-rank*.safetensors")):
+            with safe_open(str(shard), framework="pt") as handle:
+                reference.update({key: handle.get_tensor(key) for key in handle.keys() if key in wanted})  # noqa: SIM118
+        self.constrained_update.load_reference(reference)
         self._state_written = False  # the next checkpoint carries the restored state
 
     def last_committed_checkpoint(self) -> str | None:
@@ -412,7 +470,9 @@ class _NSPOCallback(TrainerCallback):
             self.trainer.project_updates()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        # gradients are visible here (not under DeepSpeed); measure only on logging steps
+        # gradients are visible here (DeepSpeed keeps them in its partitions); measure only on logging steps
+        if self.trainer.is_deepspeed_enabled:
+            return
         if args.logging_steps and (state.global_step + 1) % max(int(args.logging_steps), 1) == 0:
             self.trainer._grad_null_fraction = self.trainer.constrained_update.gradient_null_fraction()
 
@@ -428,6 +488,9 @@ class _NSPOCallback(TrainerCallback):
         finishing = control.should_save or control.should_training_stop or state.global_step >= state.max_steps
         if args.nspo_project_every and self.trainer._dirty and finishing:
             self.trainer.project_updates()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.leakage()  # collective: the final figures for the model card
 
 
 def _link_or_copy(src: str, dst: str) -> None:

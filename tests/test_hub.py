@@ -40,12 +40,12 @@ def test_push_to_hub_sends_card_model_and_projector(tiny_model_dir, tokenizer, s
     trainer.push_to_hub()
 
     assert hub.repos == ["me/tiny-nspo"]
-    for expected in ("README.md", "model.safetensors", "config.json", "nspo_projector/projector.safetensors",
-                     "nspo_projector/projector.json", "nspo_projector/probes.safetensors"):  # fmt: skip
+    projector_files = ("nspo_projector/projector.json", "nspo_projector/factors-rank00000-of-00001.safetensors")
+    for expected in ("README.md", "model.safetensors", "config.json", *projector_files):
         assert expected in hub.uploaded, expected
     # no checkpoints, and never the reference weights kept for checkpoints
     assert not [f for f in hub.uploaded if f.startswith(("checkpoint-", "_nspo_state"))]
-    assert (tmp_path / "out" / "_nspo_state" / "reference.safetensors").is_file()
+    assert (tmp_path / "out" / "_nspo_state" / "reference-rank00000-of-00001.safetensors").is_file()
 
     card = (tmp_path / "out" / "README.md").read_text()
     for needle in ("- nspo", "- grpo", "- trl", "2512.11391", "2402.03300", "## NSPO", "leakage (fit)",

@@ -32,9 +32,9 @@ def test_smoke_recipe_writes_model_projector_checkpoints_and_summary(tmp_path, m
     out = tmp_path / "out"
     assert (tmp_path / "tiny" / "config.json").is_file()  # built locally on first use
     assert (out / "model.safetensors").is_file()
-    assert (out / "nspo_projector" / "projector.safetensors").is_file()
+    assert (out / "nspo_projector" / "factors-rank00000-of-00001.safetensors").is_file()
     for step in (3, 6):
-        assert (out / f"checkpoint-{step}" / "nspo" / "reference.safetensors").is_file()
+        assert (out / f"checkpoint-{step}" / "nspo" / "reference-rank00000-of-00001.safetensors").is_file()
     summary = json.loads((out / "nspo_summary.json").read_text())
     assert summary["steps"] == 6
     assert summary["projector"]["modules"] == 6 and summary["projector"]["groups"] == 4

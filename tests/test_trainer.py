@@ -257,8 +257,8 @@ def test_resume_restores_state_and_continues_identically(
     straight = make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation_small, args(tmp_path / "a"))
     straight.train()
     checkpoint = tmp_path / "a" / "checkpoint-4"
-    assert (checkpoint / "nspo" / "projector" / "projector.safetensors").is_file()
-    assert (checkpoint / "nspo" / "reference.safetensors").is_file()
+    assert (checkpoint / "nspo" / "projector" / "factors-rank00000-of-00001.safetensors").is_file()
+    assert (checkpoint / "nspo" / "reference-rank00000-of-00001.safetensors").is_file()
 
     resumed = make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation_small, args(tmp_path / "a"))
     # corrupt the in-memory anchor: resuming must restore it from the checkpoint
@@ -337,7 +337,7 @@ def test_projector_cache_is_reused_and_guarded(
         tiny_model_dir, tokenizer, safety_prompts, preservation_small,
         nspo_args(tmp_path, max_steps=1, nspo_projector_path=str(cache)),
     )  # fmt: skip
-    assert (cache / "projector.safetensors").is_file() and (cache / "probes.safetensors").is_file()
+    assert (cache / "factors-rank00000-of-00001.safetensors").is_file()
     # no preservation data needed once cached; factors and probes come back unchanged
     second = make_trainer(
         tiny_model_dir,

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nspo_trl.nullspace.sharding import all_reduce_sum, is_distributed, rank_and_world
+
 
 class CovarianceCollector:
     """Accumulates per-group covariances (and token samples) while the model runs forward.
@@ -33,8 +35,8 @@ class CovarianceCollector:
             for batch in batches:
                 collector.set_mask(batch["attention_mask"])
                 model(**batch)
-        collector.all_reduce()          # no-op unless torch.distributed is initialised
-        collector.covariances           # {group: (n, n)}
+        collector.reduce_to_owners(owners)  # sums over ranks; keeps each C on its owner only
+        collector.covariances           # {group: (n, n)} of the groups this rank owns
         collector.groups                # {module name: group}
 
     Args:
@@ -152,17 +154,24 @@ class CovarianceCollector:
         self._samples[name], self._sample_keys[name] = rows, keys
 
     # ------------------------------------------------------------------ results
-    def all_reduce(self) -> None:
-        """Sum covariances and token counts over data-parallel ranks (each rank saw its own shard)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        for group in sorted(self.covariances):
-            dist.all_reduce(self.covariances[group])
-            count = torch.tensor(
-                [self.token_counts[group]], dtype=torch.float64, device=self.covariances[group].device
-            )
-            dist.all_reduce(count)
-            self.token_counts[group] = int(count.item())
+    def reduce_to_owners(self, owners: Mapping[str, int]) -> None:
+        """Sum each group's covariance over data-parallel ranks onto its owner (``sharding.py``).
+
+        Every rank saw its own shard of the data; afterwards only the owner of a group keeps its
+        ``C`` and its token sample, and every rank knows every group's total token count.
+        """
+        rank, _ = rank_and_world()
+        if is_distributed():
+            for group in sorted(self.covariances):
+                dist.reduce(self.covariances[group], dst=owners.get(group, 0))
+            counts = all_reduce_sum([float(self.token_counts[g]) for g in sorted(self.token_counts)])
+            self.token_counts = {g: int(c) for g, c in zip(sorted(self.token_counts), counts, strict=True)}
+        for group in list(self.covariances):
+            if owners.get(group, 0) != rank:
+                del self.covariances[group]
+        for group in list(self._samples):
+            if owners.get(group, 0) != rank:
+                del self._samples[group], self._sample_keys[group]
 
     @property
     def samples(self) -> dict[str, torch.Tensor]:

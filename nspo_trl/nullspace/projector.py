@@ -7,6 +7,10 @@ space ``U_0 = U[:, :k]`` (eigenvalues the rule calls negligible) and the range
 idempotent). It is never stored densely: a :class:`SubspaceFactor` keeps whichever basis is
 thinner, ``U_0`` (``n × k``) when ``k ≤ n − k`` and ``U_r`` (``n × (n − k)``) otherwise, and
 applies ``D ↦ D P`` to any ``D`` of shape ``(…, n)`` in ``O(|D| · min(k, n − k))``.
+
+Under data parallelism only the group's owner rank (``sharding.py``) holds the basis; every
+rank knows every group's spectrum, null dimension and kind (a few floats per input feature),
+so decisions such as which layers to freeze are the same everywhere.
 """
 
 from __future__ import annotations
@@ -14,21 +18,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from nspo_trl.nullspace.rule import NullSpaceRule
+from nspo_trl.nullspace.sharding import all_gather_objects, barrier, rank_and_world
 
-FORMAT_VERSION = 1
-FACTORS_FILE = "projector.safetensors"
-PROBES_FILE = "probes.safetensors"
+FORMAT_VERSION = 2
 METADATA_FILE = "projector.json"
+SHARD_PATTERN = "factors-rank{rank:05d}-of-{world:05d}.safetensors"  # one file per owner rank
 
 
 @dataclass
@@ -36,21 +41,30 @@ class SubspaceFactor:
     """``P`` for one input space, as a thin orthonormal basis.
 
     Attributes:
-        basis: ``(n, d)`` with orthonormal columns, ``d = min(k, n − k)``.
+        basis: ``(n, d)`` with orthonormal columns, ``d = min(k, n − k)``; None on ranks that do
+            not own the group.
         kind: ``"null"`` when ``basis = U_0`` (``P = B Bᵀ``), ``"range"`` when ``basis = U_r``
             (``P = I − B Bᵀ``).
         eigenvalues: ``(n,)`` float64 eigenvalues of ``C``, ascending (kept for stats/plots).
         null_dim: ``k``.
     """
 
-    basis: torch.Tensor
+    basis: torch.Tensor | None
     kind: Literal["null", "range"]
     eigenvalues: torch.Tensor
     null_dim: int
 
     @property
     def in_features(self) -> int:
-        return self.basis.shape[0]
+        return self.eigenvalues.numel()
+
+    @property
+    def stored_dim(self) -> int:
+        return self.null_dim if self.kind == "null" else self.in_features - self.null_dim
+
+    def without_basis(self) -> SubspaceFactor:
+        """The same factor as seen by a rank that does not own it."""
+        return SubspaceFactor(None, self.kind, self.eigenvalues, self.null_dim)
 
     @classmethod
     def from_covariance(
@@ -70,10 +84,13 @@ class SubspaceFactor:
         return cls(basis.to(basis_dtype).contiguous(), kind, eigenvalues.cpu(), k)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SubspaceFactor:
-        return SubspaceFactor(self.basis.to(device=device, dtype=dtype), self.kind, self.eigenvalues, self.null_dim)
+        basis = None if self.basis is None else self.basis.to(device=device, dtype=dtype)
+        return SubspaceFactor(basis, self.kind, self.eigenvalues, self.null_dim)
 
     def apply(self, delta: torch.Tensor) -> torch.Tensor:
         """Return ``delta @ P`` for ``delta`` of shape ``(…, n)``, in ``delta``'s dtype and device."""
+        if self.basis is None:
+            raise RuntimeError("this rank does not own the projector basis (apply it on the owner rank)")
         basis = self.basis.to(device=delta.device, dtype=delta.dtype)
         along_basis = (delta @ basis) @ basis.T
         return along_basis if self.kind == "null" else delta - along_basis
@@ -92,7 +109,7 @@ class SubspaceFactor:
             "null_dim": k,
             "null_fraction": k / self.in_features,
             "stored": self.kind,
-            "stored_dim": self.basis.shape[1],
+            "stored_dim": self.stored_dim,
             "lambda_max": lam_max,
             # largest eigenvalue declared null, relative to λmax (≤ alpha by construction)
             "null_lambda_rel": float(lam[k - 1]) / lam_max if k else None,
@@ -111,7 +128,9 @@ class NullSpaceProjector:
     projector was built from (rule, model fingerprint, data hash, token counts) so a cached one
     is only reused for the same inputs. ``probes`` holds reference-model input rows per split
     (``"fit"``: the data ``C`` was built from; ``"heldout"``: preservation data it never saw),
-    ``{split: {group: (t, n) float32}}``, for measuring leakage during training.
+    ``{split: {group: (t, n) float32}}``, for measuring leakage during training; like the bases,
+    only a group's owner holds its probes. ``owners`` maps each group to its owner rank (absent:
+    rank 0, the only rank of a single process).
     """
 
     factors: dict[str, SubspaceFactor]
@@ -119,6 +138,7 @@ class NullSpaceProjector:
     rule: NullSpaceRule
     metadata: dict = field(default_factory=dict)
     probes: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    owners: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_covariances(
@@ -129,15 +149,27 @@ class NullSpaceProjector:
         metadata: dict | None = None,
         probes: dict[str, dict[str, torch.Tensor]] | None = None,
         progress: bool = False,
+        owners: Mapping[str, int] | None = None,
     ) -> NullSpaceProjector:
-        """Build every group's factor from its ``(n, n)`` covariance."""
+        """Build the factor of every group whose ``(n, n)`` covariance this rank holds.
+
+        Distributed, each rank passes the covariances of the groups it owns (``owners``); the
+        eigendecompositions then run in parallel, and the spectra are exchanged so that every rank
+        knows every group's null dimension. Collective when ``torch.distributed`` is initialised.
+        """
         from tqdm.auto import tqdm
 
-        factors = {
+        local = {
             group: SubspaceFactor.from_covariance(cov, rule)
             for group, cov in tqdm(covariances.items(), desc="NSPO eigendecompositions", disable=not progress)
         }
-        return cls(factors, dict(groups), rule, dict(metadata or {}), dict(probes or {}))
+        shared = {g: f.without_basis() for part in all_gather_objects(
+            {g: f.without_basis() for g, f in local.items()}) for g, f in part.items()}  # fmt: skip
+        factors = {group: local.get(group, shared[group]) for group in dict.fromkeys(groups.values())}
+        return cls(factors, dict(groups), rule, dict(metadata or {}), dict(probes or {}), dict(owners or {}))
+
+    def owner_of(self, group: str) -> int:
+        return self.owners.get(group, 0)
 
     def factor_for(self, module_name: str) -> SubspaceFactor:
         return self.factors[self.groups[module_name]]
@@ -155,7 +187,7 @@ class NullSpaceProjector:
 
     def to(self, device: torch.device | str) -> NullSpaceProjector:
         factors = {g: f.to(device) for g, f in self.factors.items()}
-        return NullSpaceProjector(factors, self.groups, self.rule, self.metadata, self.probes)
+        return NullSpaceProjector(factors, self.groups, self.rule, self.metadata, self.probes, self.owners)
 
     def stats(self) -> dict[str, dict]:
         """Per-group statistics, with the member modules listed."""
@@ -165,10 +197,10 @@ class NullSpaceProjector:
         return {g: {**f.stats(), "modules": members[g]} for g, f in self.factors.items()}
 
     def summary(self) -> dict:
-        """Totals over all groups: null dimensions and storage."""
+        """Totals over all groups (whichever rank holds them): null dimensions and storage."""
         total_in = sum(f.in_features for f in self.factors.values())
         total_null = sum(f.null_dim for f in self.factors.values())
-        stored = sum(f.basis.numel() for f in self.factors.values())
+        stored = sum(f.in_features * f.stored_dim for f in self.factors.values())
         dense = sum(f.in_features**2 for f in self.factors.values())
         return {
             "groups": len(self.factors),
@@ -183,61 +215,98 @@ class NullSpaceProjector:
 
     # ------------------------------------------------------------------ storage
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``projector.safetensors`` (bases + eigenvalues) and ``projector.json`` atomically.
+        """Write ``projector.json`` and one ``factors-rank*.safetensors`` per rank, atomically.
 
-        Files are written into a temporary sibling directory and moved into place, so a crash
-        never leaves a half-written projector behind.
+        Each rank writes the bases, spectra and probes of the groups it owns; rank 0 then writes the
+        metadata and moves the finished directory into place, so a crash never leaves a half-written
+        projector behind. Collective when distributed (``directory`` must be on a shared filesystem).
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
+        rank, world = rank_and_world()
+        staging = directory.with_name(f".{directory.name}.staging")
+        if rank == 0:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+        barrier()
         tensors: dict[str, torch.Tensor] = {}
-        for index, (_group, factor) in enumerate(self.factors.items()):
-            tensors[f"{index}.basis"] = factor.basis.detach().cpu().contiguous()
-            tensors[f"{index}.eigenvalues"] = factor.eigenvalues.detach().cpu().contiguous()
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "rule": self.rule.to_dict(),
-            "groups": self.groups,
-            "factors": [{"group": g, "kind": f.kind, "null_dim": f.null_dim} for g, f in self.factors.items()],
-            "metadata": self.metadata,
-            "stats": self.stats(),
-        }
-        index_of = {group: i for i, group in enumerate(self.factors)}
-        probes = {
-            f"{split}.{index_of[group]}": rows.detach().cpu().contiguous()
-            for split, by_group in self.probes.items()
-            for group, rows in by_group.items()
-        }
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        save_file(tensors, str(staging / FACTORS_FILE))
-        save_file(probes, str(staging / PROBES_FILE))
-        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        _replace_directory(staging, directory)
+        for group, factor in self.factors.items():
+            if factor.basis is not None:
+                tensors[f"basis/{group}"] = factor.basis.detach().cpu().contiguous()
+                tensors[f"eigenvalues/{group}"] = factor.eigenvalues.detach().cpu().contiguous()
+        for split, by_group in self.probes.items():
+            for group, rows in by_group.items():
+                tensors[f"probes/{split}/{group}"] = rows.detach().cpu().contiguous()
+        save_file(tensors, str(staging / SHARD_PATTERN.format(rank=rank, world=world)))
+        barrier()
+        if rank == 0:
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "rule": self.rule.to_dict(),
+                "groups": self.groups,
+                "factors": [{"group": g, "kind": f.kind, "null_dim": f.null_dim} for g, f in self.factors.items()],
+                "splits": sorted(self.probes),
+                "metadata": self.metadata,
+                "stats": self.stats(),
+            }
+            (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            _replace_directory(staging, directory)
+        barrier()
         return directory
 
+    @staticmethod
+    def read_groups(directory: str | os.PathLike) -> dict[str, str]:
+        """Module → group map of a saved projector (to decide ownership before loading any tensor)."""
+        meta_path = Path(directory) / METADATA_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{directory} holds no NSPO projector ({METADATA_FILE} is missing)")
+        return json.loads(meta_path.read_text())["groups"]
+
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> NullSpaceProjector:
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        device: torch.device | str = "cpu",
+        owners: Mapping[str, int] | None = None,
+    ) -> NullSpaceProjector:
+        """Load a saved projector; this rank keeps the bases and probes of the groups ``owners`` gives it.
+
+        The files may have been written by any number of ranks: tensors are found by name.
+        """
         directory = Path(directory)
-        meta_path, tensor_path = directory / METADATA_FILE, directory / FACTORS_FILE
-        if not meta_path.is_file() or not tensor_path.is_file():
-            raise FileNotFoundError(f"{directory} holds no NSPO projector ({METADATA_FILE} + {FACTORS_FILE})")
+        meta_path = directory / METADATA_FILE
+        shards = sorted(directory.glob("factors-rank*.safetensors"))
+        if not meta_path.is_file() or not shards:
+            raise FileNotFoundError(f"{directory} holds no NSPO projector ({METADATA_FILE} + factors-rank*)")
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: projector format {meta.get('format_version')} != {FORMAT_VERSION}")
-        tensors = load_file(str(tensor_path), device=str(device))
-        factors = {
-            entry["group"]: SubspaceFactor(
-                tensors[f"{i}.basis"], entry["kind"], tensors[f"{i}.eigenvalues"].cpu(), entry["null_dim"]
+            raise ValueError(
+                f"{meta_path}: projector format {meta.get('format_version')} != {FORMAT_VERSION}; rebuild it "
+                "(delete the directory or point nspo_projector_path elsewhere)."
             )
-            for i, entry in enumerate(meta["factors"])
-        }
-        group_of = [entry["group"] for entry in meta["factors"]]
+        owners = dict(owners or {})
+        rank, _ = rank_and_world()
+        mine = {entry["group"] for entry in meta["factors"] if owners.get(entry["group"], 0) == rank}
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            with safe_open(str(shard), framework="pt", device=str(device)) as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    kind, rest = key.split("/", 1)
+                    group = rest.split("/", 1)[-1]
+                    if kind == "eigenvalues" or group in mine:
+                        tensors[key] = handle.get_tensor(key)
+        factors = {}
+        for entry in meta["factors"]:
+            group = entry["group"]
+            basis = tensors.get(f"basis/{group}") if group in mine else None
+            eigenvalues = tensors[f"eigenvalues/{group}"].cpu()
+            factors[group] = SubspaceFactor(basis, entry["kind"], eigenvalues, entry["null_dim"])
         probes: dict[str, dict[str, torch.Tensor]] = {}
-        if (directory / PROBES_FILE).is_file():
-            for key, rows in load_file(str(directory / PROBES_FILE)).items():
-                split, index = key.rsplit(".", 1)
-                probes.setdefault(split, {})[group_of[int(index)]] = rows
-        return cls(factors, meta["groups"], NullSpaceRule(**meta["rule"]), meta["metadata"], probes)
+        for key, rows in tensors.items():
+            if key.startswith("probes/"):
+                _, split, group = key.split("/", 2)
+                probes.setdefault(split, {})[group] = rows.cpu()
+        return cls(factors, meta["groups"], NullSpaceRule(**meta["rule"]), meta["metadata"], probes, owners)
 
 
 def _replace_directory(staging: Path, target: Path) -> None:

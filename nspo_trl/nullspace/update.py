@@ -23,7 +23,9 @@ from contextlib import contextmanager
 
 import torch
 
+from nspo_trl.nullspace.access import ParameterAccess, gathered, snapshot_on_owner
 from nspo_trl.nullspace.projector import NullSpaceProjector
+from nspo_trl.nullspace.sharding import all_gather_objects, all_reduce_sum, rank_and_world
 from nspo_trl.nullspace.targets import ProtectedLayer
 
 
@@ -55,21 +57,38 @@ def relative_leakage(delta: torch.Tensor, reference: torch.Tensor, rows: torch.T
 
 
 class ConstrainedUpdate:
-    """Keeps every protected layer's change inside its null space.
+    """Keeps every protected layer's change inside its null space, on any backend.
 
-    On creation it snapshots ``W_ref`` (a clone of each protected, non-LoRA weight, same dtype
-    and device, so the anchor is exact); :meth:`project_` then applies the update in float32.
+    On creation it snapshots ``W_ref`` of each protected, non-LoRA weight (a clone in the weight's
+    own dtype, so the anchor is exact) on the rank that owns the layer's input group (see
+    ``sharding.py``; in a single process that is the only rank). :meth:`project_` then, layer by
+    layer, gathers ``W`` onto its owner, computes ``W_ref + (W − W_ref) P`` there in IEEE float32,
+    and writes the result back wherever ``access`` says the weight lives (module parameter, and
+    DeepSpeed's fp32 master). Creation, :meth:`project_`, :meth:`leakage` and
+    :meth:`gradient_null_fraction` are collective under ``torch.distributed``: every rank calls them.
     """
 
-    def __init__(self, layers: Sequence[ProtectedLayer], projector: NullSpaceProjector) -> None:
+    def __init__(
+        self,
+        layers: Sequence[ProtectedLayer],
+        projector: NullSpaceProjector,
+        access: ParameterAccess | None = None,
+    ) -> None:
         self.layers = list(layers)
         self.projector = projector
-        self.reference: dict[str, torch.Tensor] = {
-            layer.name: layer.linear.weight.detach().clone() for layer in self.layers if not layer.is_lora
-        }
+        self.access = access or ParameterAccess()
+        self.reference: dict[str, torch.Tensor] = {}
+        for layer in self.layers:
+            if not layer.is_lora:
+                anchor = snapshot_on_owner(layer.linear.weight, self.owner(layer))
+                if anchor is not None:
+                    self.reference[layer.name] = anchor
+
+    def owner(self, layer: ProtectedLayer) -> int:
+        return self.projector.owner_of(self.projector.groups[layer.name])
 
     def load_reference(self, reference: Mapping[str, torch.Tensor]) -> None:
-        """Replace the anchors (e.g. restored from a checkpoint); names and shapes must match."""
+        """Replace this rank's anchors (e.g. restored from a checkpoint); names and shapes must match."""
         for name, current in self.reference.items():
             if name not in reference or reference[name].shape != current.shape:
                 raise ValueError(f"reference weights do not match the protected layer {name}")
@@ -79,51 +98,78 @@ class ConstrainedUpdate:
     def project_(self) -> None:
         """Apply ``W ← W_ref + (W − W_ref) P`` (or ``A ← A P``) in place to every protected layer."""
         with ieee_fp32_matmul():
-            self._project_all()
+            for layer in self.layers:
+                for param in _constrained_params(layer):
+                    if param.requires_grad:  # a frozen weight never moves (same decision on every rank)
+                        self._project_param(layer, param)
 
-    def _project_all(self) -> None:
-        for layer in self.layers:
+    def _project_param(self, layer: ProtectedLayer, param: torch.nn.Parameter) -> None:
+        owner = self.owner(layer)
+        current = self.access.gather(param, owner)
+        new = None
+        if current is not None:
             if layer.is_lora:
-                for a in layer.lora_a.values():
-                    a.copy_(self.projector.apply(layer.name, a.float()).to(a.dtype))
-                continue
-            weight = layer.linear.weight
-            anchor = self.reference[layer.name].float()
-            delta = self.projector.apply(layer.name, weight.float() - anchor)
-            weight.copy_((anchor + delta).to(weight.dtype))
+                new = self.projector.apply(layer.name, current)
+            else:
+                anchor = self.reference[layer.name].to(device=current.device, dtype=torch.float32)
+                new = anchor + self.projector.apply(layer.name, current - anchor)
+        self.access.scatter(param, owner, new)
 
     @torch.no_grad()
     def weight_delta(self, layer: ProtectedLayer) -> torch.Tensor:
-        """``W − W_ref`` (``(m, n)``, float32); for LoRA the merged ``Σ s·B A`` of the trained adapters."""
+        """``W − W_ref`` (``(m, n)``, float32) on the layer's owner; for LoRA the merged ``Σ s·B A``."""
         if layer.is_lora:
             deltas = [layer.lora_layer.get_delta_weight(adapter).float() for adapter in layer.lora_a]
             return torch.stack(deltas).sum(0)
-        return layer.linear.weight.float() - self.reference[layer.name].float()
+        return layer.linear.weight.float() - self.reference[layer.name].to(layer.linear.weight.device).float()
 
     @torch.no_grad()
     @ieee_fp32_matmul()
     def leakage(self, probes: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Per-layer leakage on probe rows; ``probes`` maps each projector group to ``(t, n)`` inputs."""
-        out = {}
+        """Per-layer leakage on probe rows (``probes``: group → ``(t, n)`` inputs, held by the group's owner).
+
+        Each owner measures its layers on the module weights (gathered under ZeRO-3); the results
+        are shared, so every rank returns the same dict.
+        """
+        rank, _ = rank_and_world()
+        local = {}
         for layer in self.layers:
-            rows = probes.get(self.projector.groups[layer.name])
-            if rows is None or rows.numel() == 0:
-                continue
-            # under LoRA the base weight is never trained, so it is its own reference
-            reference = layer.linear.weight if layer.is_lora else self.reference[layer.name]
-            out[layer.name] = relative_leakage(self.weight_delta(layer), reference, rows)
-        return out
+            with gathered(list(_constrained_params(layer)) + _lora_b(layer)):
+                rows = probes.get(self.projector.groups[layer.name])
+                if rank != self.owner(layer) or rows is None or rows.numel() == 0:
+                    continue
+                # under LoRA the base weight is never trained, so it is its own reference
+                reference = layer.linear.weight if layer.is_lora else self.reference[layer.name]
+                local[layer.name] = relative_leakage(self.weight_delta(layer), reference, rows)
+        merged = {name: value for part in all_gather_objects(local) for name, value in part.items()}
+        return {layer.name: merged[layer.name] for layer in self.layers if layer.name in merged}
 
     @torch.no_grad()
     def gradient_null_fraction(self) -> float | None:
-        """``‖g P‖ / ‖g‖`` over all constrained parameters with a gradient (None if none is visible)."""
+        """``‖g P‖ / ‖g‖`` over all constrained parameters with a visible gradient (None if none is).
+
+        Each owner measures its layers; the sums are all-reduced. Not available under DeepSpeed,
+        which keeps gradients in its own partitions.
+        """
+        rank, _ = rank_and_world()
         kept = total = 0.0
         for layer in self.layers:
-            params = list(layer.lora_a.values()) if layer.is_lora else [layer.linear.weight]
-            for p in params:
+            if rank != self.owner(layer):
+                continue
+            for p in _constrained_params(layer):
                 if p.grad is None:
                     continue
                 g = p.grad.float()
                 kept += float(self.projector.apply(layer.name, g).pow(2).sum())
                 total += float(g.pow(2).sum())
+        kept, total = all_reduce_sum([kept, total])
         return (kept / total) ** 0.5 if total > 0 else None
+
+
+def _constrained_params(layer: ProtectedLayer) -> list[torch.nn.Parameter]:
+    """The parameters the projection acts on: the weight, or the LoRA ``A`` matrices."""
+    return list(layer.lora_a.values()) if layer.is_lora else [layer.linear.weight]
+
+
+def _lora_b(layer: ProtectedLayer) -> list[torch.nn.Parameter]:
+    return [m.weight for m in layer.lora_layer.lora_B.values()] if layer.is_lora else []

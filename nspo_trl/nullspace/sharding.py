@@ -1,0 +1,96 @@
+"""Layer ownership: how NSPO's state and work are split across data-parallel ranks.
+
+Every input group ``g`` (layers that read the same input, see ``collect.py``) has one *owner*
+rank. Only the owner keeps the group's projector basis ``(n, min(k, n − k))`` and the reference
+weights ``W_ref`` of the group's layers, builds the group's eigendecomposition and computes
+``W_ref + (W − W_ref) P`` for those layers; the other ranks only send and receive their part of
+``W`` (see ``access.py``). With ``N`` ranks each one holds about ``1/N`` of ``W_ref`` and of the
+projector, like ZeRO-3 holds ``1/N`` of the weights.
+
+Owners are assigned greedily (largest group first, to the least-loaded rank), with the cost of a
+group taken as its worst-case bytes: ``Σ_layers out·n·b_w`` for ``W_ref`` plus ``n·⌊n/2⌋·4`` for
+an fp32 basis at null fraction 1/2. The assignment is a pure function of names and shapes, so
+every rank computes the same one without communicating, and a run resumed on a different number
+of ranks simply reassigns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+
+def group_cost(in_features: int, member_out_features: list[int], weight_bytes: int) -> int:
+    """Worst-case bytes a group's owner stores: ``W_ref`` of its members plus an fp32 basis of ``n·⌊n/2⌋``."""
+    return sum(out * in_features for out in member_out_features) * weight_bytes + in_features * (in_features // 2) * 4
+
+
+def assign_owners(costs: Mapping[str, int], world_size: int) -> dict[str, int]:
+    """Greedy longest-processing-time assignment of groups to ranks (deterministic: ties by name, then rank)."""
+    loads = [0] * world_size
+    owners: dict[str, int] = {}
+    for group in sorted(costs, key=lambda g: (-costs[g], g)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[group] = rank
+        loads[rank] += costs[group]
+    return owners
+
+
+def rank_loads(costs: Mapping[str, int], owners: Mapping[str, int], world_size: int) -> list[int]:
+    """Bytes each rank holds under ``owners``."""
+    loads = [0] * world_size
+    for group, rank in owners.items():
+        loads[rank] += costs[group]
+    return loads
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable, small), in rank order."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_tensor(
+    tensor: torch.Tensor | None, src: int, shape: torch.Size, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``tensor`` from rank ``src`` on every rank (``tensor`` is ignored elsewhere and may be None)."""
+    if not is_distributed():
+        return tensor
+    buffer = tensor.contiguous() if dist.get_rank() == src else torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(buffer, src)
+    return buffer
+
+
+def collective_device() -> torch.device:
+    """Where small tensors must live for the default process group's collectives (NCCL: the current GPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over ranks (float64)."""
+    if not is_distributed():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
