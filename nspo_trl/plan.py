@@ -1,4 +1,6 @@
-"""Memory figures of a recipe, from its model config alone (no weights are loaded).
+"""Per-rank memory and communication of a recipe, from its model config alone (no weights are loaded).
+
+    python -m nspo_trl.plan recipes/qwen7b.yaml --num-processes 8 [--backend zero3|zero2|ddp]
 
 For a decoder with hidden size ``h``, MLP width ``f``, ``L`` layers, ``a`` attention heads of size
 ``d`` and ``kv`` key/value heads, the protected linears and their input widths ``n`` are
@@ -6,15 +8,18 @@ For a decoder with hidden size ``h``, MLP width ``f``, ``L`` layers, ``a`` atten
     q/k/v_proj: n = h (one shared projector)     o_proj: n = a·d
     gate/up_proj: n = h (one shared projector)   down_proj: n = f        lm_head: n = h
 
-Figures per process, as this version stores them:
+Figures per rank, as this version stores them (``sharding.py``): each input group has one owner
+rank holding the ``W_ref`` of its layers (in the weights' dtype: bf16 under DeepSpeed mixed
+precision) and its fp32 thin basis ``n × min(k, n − k)``, at most ``n · ⌊n/2⌋`` (null fraction 1/2;
+the real size depends on the data). The largest rank's share is printed. Extra communication per
+projection step, per rank, for ``P`` protected parameters (``P_r`` owned by the rank), fp32:
 
-- ``W_ref``: every protected weight, in the load dtype;
-- projector: thin bases ``n × min(k, n − k)`` in fp32, at most ``n · ⌊n/2⌋`` per input group
-  (the worst case, null fraction 1/2; the real size depends on the data);
-- covariances while building: one ``n × n`` per input group in the accumulation dtype.
+    zero3: gather + scatter of its partitions, 8·P/N, plus its owned weights through it, 8·P_r·(N−1)/N
+    zero2: DeepSpeed's full-fp32 all-reduce, 8·P·(N−1)/N, plus the owners' broadcasts, 4·P
+    ddp:   the owners' broadcasts, 4·P
 
 Beside them, the reference code's layout: a dense fp32 ``n × n`` ``P`` per protected linear plus
-an fp32 ``W_ref``, on every process.
+an fp32 ``W_ref``, on every rank, and no extra communication (every rank projects everything).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from nspo_trl.nullspace.sharding import assign_owners, group_cost, rank_loads
 from nspo_trl.nullspace.targets import expand_patterns
 from nspo_trl.tiny_model import tiny_model_shape
 
@@ -71,49 +77,112 @@ def protected_linears(config: dict, target_modules: list[str]) -> list[tuple[str
 
 
 def memory_plan(
-    config: dict, target_modules: list[str], load_dtype: str, covariance_dtype: str, lora: bool = False
+    config: dict,
+    target_modules: list[str],
+    weight_bytes: int,
+    covariance_dtype: str,
+    lora: bool = False,
+    num_processes: int = 1,
+    backend: str = "ddp",
 ) -> dict[str, float]:
-    """Bytes per process of each item (see the module docstring); LoRA keeps no ``W_ref`` (``A ← A P``)."""
+    """Bytes of each item on the most loaded rank (see the module docstring); LoRA keeps no ``W_ref``."""
     linears = protected_linears(config, target_modules)
-    groups = {group: n for _, _, n, group in linears}
-    weight_bytes = DTYPE_BYTES.get(load_dtype, 4)
+    widths = {group: n for _, _, n, group in linears}
+    members: dict[str, list[int]] = {}
+    for _, out_features, _, group in linears:
+        members.setdefault(group, []).append(0 if lora else out_features)
+    w_ref = {g: sum(members[g]) * widths[g] * weight_bytes for g in widths}
+    costs = {g: group_cost(widths[g], members[g], weight_bytes) for g in widths}
+    owners = assign_owners(costs, num_processes)
+    loads = rank_loads(costs, owners, num_processes)
+    busiest = max(range(num_processes), key=lambda r: loads[r])
+    params = sum(m * n for _, m, n, _ in linears)
+    owned_params = sum(w_ref[g] // weight_bytes for g, r in owners.items() if r == busiest) if not lora else 0
+    n = num_processes
+    communication = {
+        "zero3": 8 * params / n + 8 * owned_params * (n - 1) / n,
+        "zero2": 8 * params * (n - 1) / n + 4 * params,
+        "ddp": 4 * params,
+    }[backend]
     return {
         "protected_linears": len(linears),
-        "protected_params": sum(m * n for _, m, n, _ in linears),
-        "input_groups": len(groups),
-        "w_ref": 0 if lora else sum(m * n for _, m, n, _ in linears) * weight_bytes,
-        "projector_max": sum(n * (n // 2) * 4 for n in groups.values()),
-        "covariances_build": sum(n * n * DTYPE_BYTES[covariance_dtype] for n in groups.values()),
-        "reference_dense_p": sum(n * n * 4 for _, _, n, _ in linears),
-        "reference_w_ref": sum(m * n for _, m, n, _ in linears) * 4,
+        "protected_params": params,
+        "input_groups": len(widths),
+        "w_ref": sum(w_ref[g] for g, r in owners.items() if r == busiest),
+        "projector_max": sum(widths[g] * (widths[g] // 2) * 4 for g, r in owners.items() if r == busiest),
+        "communication": communication if n > 1 else 0,
+        "covariances_build": sum(w * w * DTYPE_BYTES[covariance_dtype] for w in widths.values()),
+        "covariances_kept": sum(
+            widths[g] ** 2 * DTYPE_BYTES[covariance_dtype] for g, r in owners.items() if r == busiest
+        ),
+        "reference_dense_p": sum(n_in * n_in * 4 for _, _, n_in, _ in linears),
+        "reference_w_ref": params * 4,
     }
 
 
-def print_plan(script_args, training_args, model_args) -> None:
+def print_plan(script_args, training_args, model_args, num_processes: int = 1, backend: str = "ddp") -> None:
     tiny = (script_args.tiny_hidden_size, script_args.tiny_intermediate_size) if script_args.build_tiny_model else None
     config = model_config(model_args.model_name_or_path, tiny)
     if config is None:
         print(f"plan: no config for {model_args.model_name_or_path} on this machine (offline); figures skipped.")
         return
+    deepspeed_bf16 = backend.startswith("zero") and training_args.bf16
+    weight_bytes = 2 if deepspeed_bf16 else DTYPE_BYTES.get(model_args.dtype or "float32", 4)
     plan = memory_plan(
         config,
         training_args.nspo_target_modules,
-        model_args.dtype or "float32",
+        weight_bytes,
         training_args.nspo_covariance_dtype,
         lora=model_args.use_peft,
+        num_processes=num_processes,
+        backend=backend,
     )
     ours = plan["w_ref"] + plan["projector_max"]
     reference = plan["reference_w_ref"] + plan["reference_dense_p"]
     params = plan["protected_params"]
-    print(f"plan for {model_args.model_name_or_path}: {plan['protected_linears']} protected linears "
+    where = f"{num_processes} process{'es' if num_processes > 1 else ''}" + (
+        f" ({backend})" if num_processes > 1 else ""
+    )
+    print(f"plan for {model_args.model_name_or_path} on {where}: {plan['protected_linears']} protected linears "
           f"({params / 1e9:.3f} B params) in {plan['input_groups']} input groups")  # fmt: skip
     print(f"  per process, nspo_trl : W_ref {size(plan['w_ref'])} + projector <= {size(plan['projector_max'])}"
-          f" = {size(ours)}")  # fmt: skip
+          f" = {size(ours)} ({ours / 1e9:.2f} GB, most loaded rank)")  # fmt: skip
     print(f"  per process, reference: W_ref {size(plan['reference_w_ref'])} + dense P "
-          f"{size(plan['reference_dense_p'])} = {size(reference)}")  # fmt: skip
+          f"{size(plan['reference_dense_p'])} = {size(reference)} ({reference / 1e9:.2f} GB)")  # fmt: skip
+    if num_processes > 1:
+        print(f"  ratio reference / nspo_trl: {reference / ours:.1f}x")
+        print(f"  extra communication per projection step: {size(plan['communication'])} per process (fp32)")
     dtype = training_args.nspo_covariance_dtype
-    print(f"  covariances while building: {size(plan['covariances_build'])} ({dtype})")
+    print(f"  covariances while collecting: {size(plan['covariances_build'])} ({dtype}); "
+          f"kept after the reduce: {size(plan['covariances_kept'])}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nspo_trl.plan RECIPE.yaml [--num-processes N] [--backend zero3|zero2|ddp]``."""
+    import argparse
+    import sys
+
+    from nspo_trl.train import parse
+
+    parser = argparse.ArgumentParser(prog="python -m nspo_trl.plan", description=main.__doc__)
+    parser.add_argument("recipe", help="a recipe YAML (e.g. recipes/qwen7b.yaml)")
+    parser.add_argument("--num-processes", type=int, default=1, help="data-parallel ranks (GPUs)")
+    parser.add_argument("--backend", choices=("zero3", "zero2", "ddp"), default="zero3")
+    args = parser.parse_args(argv)
+    if args.num_processes < 1:
+        parser.error("--num-processes: must be at least 1.")
+    try:
+        script_args, training_args, model_args = parse([args.recipe, "--dry-run"])  # checks only, loads nothing
+    except ValueError as err:
+        print(f"nspo_trl.plan: error: {err}", file=sys.stderr)
+        return 2
+    print_plan(script_args, training_args, model_args, args.num_processes, args.backend)
+    return 0
 
 
 def size(num_bytes: float) -> str:
     return f"{num_bytes / GiB:8.2f} GiB" if num_bytes >= GiB else f"{num_bytes / 2**20:8.2f} MiB"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -338,7 +338,10 @@ def dry_run(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_a
                 changed[f.name] = value if plain else str(value)
         resolved[name] = changed
     print(yaml.safe_dump(resolved, sort_keys=True, width=119))
-    print_plan(script_args, training_args, model_args)
+    # under `accelerate launch`, plan for the launch's ranks and backend
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    backend = ("zero3" if stage == "3" else "zero2") if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else "ddp"
+    print_plan(script_args, training_args, model_args, int(os.environ.get("WORLD_SIZE", "1")), backend)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ import torch
 
 from nspo_trl.nullspace.projector import NullSpaceProjector, SubspaceFactor
 from nspo_trl.nullspace.rule import NullSpaceRule
+from nspo_trl.nullspace.sharding import assign_owners, rank_loads
 
 
 def low_rank_activations(n: int, tokens: int, rank: int, seed: int = 0) -> torch.Tensor:
@@ -101,3 +102,29 @@ def test_save_load_roundtrip(tmp_path):
     for module in ("a", "a2", "b"):
         torch.testing.assert_close(loaded.apply(module, delta), projector.apply(module, delta))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]  # no staging leftovers
+
+
+def test_load_keeps_only_the_bases_this_rank_owns(tmp_path):
+    """A rank that does not own a group knows its spectrum and null dimension but holds no basis."""
+    x = low_rank_activations(16, tokens=100, rank=6, seed=4)
+    projector = NullSpaceProjector.from_covariances(
+        {"a": x.T @ x, "b": x.T @ x + torch.eye(16, dtype=torch.float64)}, {"a": "a", "b": "b"}, NullSpaceRule()
+    )
+    projector.save(tmp_path / "proj")
+    loaded = NullSpaceProjector.load(tmp_path / "proj", owners={"a": 0, "b": 1})  # this process is rank 0
+    assert loaded.factors["a"].basis is not None and loaded.factors["b"].basis is None
+    assert loaded.factors["b"].null_dim == projector.factors["b"].null_dim == 0
+    assert loaded.stats() == projector.stats() and loaded.summary() == projector.summary()
+    with pytest.raises(RuntimeError, match="does not own"):
+        loaded.apply("b", torch.randn(2, 16))
+
+
+def test_owner_assignment_is_balanced_and_deterministic():
+    costs = {f"g{i}": c for i, c in enumerate([9, 7, 6, 5, 5, 4, 3, 3, 2, 1])}
+    owners = assign_owners(costs, 3)
+    assert owners == assign_owners(dict(reversed(list(costs.items()))), 3)  # independent of order
+    assert set(owners) == set(costs) and set(owners.values()) == {0, 1, 2}
+    loads = rank_loads(costs, owners, 3)
+    assert sum(loads) == sum(costs.values())
+    assert max(loads) - min(loads) <= max(costs.values())
+    assert assign_owners(costs, 1) == dict.fromkeys(costs, 0)

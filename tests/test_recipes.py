@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,25 @@ def test_unsupported_library_version_is_refused(tmp_path, monkeypatch, capsys):
     assert cli([smoke_with(tmp_path), "--output_dir", str(tmp_path / "out")]) == 2
     assert "trl 1.15.0 is not supported" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_for_qwen7b_on_eight_ranks(capsys):
+    """The issue's target: per-rank projector + W_ref <= 6.5 GB under ZeRO-3 on 8 ranks (reference ≈ 62 GiB)."""
+    from nspo_trl.plan import main as plan
+
+    assert plan([str(REPO / "recipes" / "qwen7b.yaml"), "--num-processes", "8"]) == 0
+    out = capsys.readouterr().out
+    ours = float(re.search(r"nspo_trl : .* = +[\d.]+ GiB \(([\d.]+) GB", out).group(1))
+    reference = float(re.search(r"reference: .* = +([\d.]+) GiB", out).group(1))
+    assert ours <= 6.5
+    assert reference == pytest.approx(61.36, abs=0.01)  # dense fp32 P (40.11) + fp32 W_ref (21.25)
+    assert "on 8 processes (zero3)" in out and "extra communication per projection step" in out
+
+
+def test_plan_rejects_a_bad_rank_count(capsys):
+    from nspo_trl.plan import main as plan
+
+    with pytest.raises(SystemExit) as exit_info:
+        plan([str(REPO / "recipes" / "qwen7b.yaml"), "--num-processes", "0"])
+    assert exit_info.value.code == 2
+    assert "--num-processes" in capsys.readouterr().err
