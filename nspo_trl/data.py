@@ -24,6 +24,8 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
+from nspo_trl.generation import as_conversations, generate_responses
+
 logger = logging.getLogger(__name__)
 PKU_SAFERLHF = "PKU-Alignment/PKU-SafeRLHF"
 PKU_SAFETY_COLUMNS = ("is_response_0_safe", "is_response_1_safe")
@@ -143,22 +145,22 @@ def generate_preservation_responses(
 ) -> Dataset:
     """Answer preservation prompts with the reference model (greedy), → ``messages`` conversations.
 
-    Prompts are strings or conversations. vLLM is used when installed (``use_vllm=None``), else
-    transformers ``generate`` in left-padded batches. Greedy decoding makes the set reproducible.
+    Prompts are strings or conversations; see :func:`nspo_trl.generation.generate_responses`.
+    Greedy decoding makes the set reproducible.
     """
-    from trl.import_utils import is_vllm_available
-
-    conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    conversations = as_conversations(prompts)
     if not conversations:
         raise ValueError("preservation_dataset: no prompts to generate responses for.")
-    if use_vllm is None:
-        use_vllm = is_vllm_available()
-    if use_vllm:
-        responses = _generate_with_vllm(conversations, model_name_or_path, max_new_tokens)
-    else:
-        responses = _generate_with_transformers(
-            conversations, model_name_or_path, max_new_tokens, batch_size, tokenizer, model
-        )
+    responses = generate_responses(
+        conversations,
+        model_name_or_path,
+        max_new_tokens,
+        use_vllm=use_vllm,
+        batch_size=batch_size,
+        tokenizer=tokenizer,
+        model=model,
+        description="preservation responses",
+    )
     return Dataset.from_dict(
         {
             "messages": [
@@ -166,33 +168,3 @@ def generate_preservation_responses(
             ]
         }
     )
-
-
-def _generate_with_vllm(conversations, model_name_or_path: str, max_new_tokens: int) -> list[str]:
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=model_name_or_path)
-    outputs = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=True)
-    return [output.outputs[0].text for output in outputs]
-
-
-def _generate_with_transformers(conversations, model_name_or_path, max_new_tokens, batch_size, tokenizer, model):
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name_or_path)
-    model = model or AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype="auto")
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    device = next(model.parameters()).device
-    responses = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="preservation responses"):
-        batch = tokenizer(
-            texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        with torch.no_grad():
-            out = model.generate(**batch.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        responses += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return responses
