@@ -21,6 +21,7 @@ from conftest import capture_inputs, leakage, load_reference
 from safetensors.torch import load_file
 
 from nspo_trl.data import load_named_dataset
+from nspo_trl.nullspace.projector import NullSpaceProjector
 from nspo_trl.preservation import tokenize_preservation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,8 @@ def test_two_processes_match_one_and_leak_nothing(backend, single, preservation_
     config = cpu_variant(backend, tmp_path)
     output = tmp_path / "out"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    result = run([*launch, str(RUN), "--model", tiny_model_dir, "--output", str(output)], output)
+    save = ["--save"] if backend == "zero3" else []
+    result = run([*launch, str(RUN), "--model", tiny_model_dir, "--output", str(output), *save], output)
     final = load_file(str(output / "final.safetensors"))
 
     assert result["world_size"] == 2
@@ -114,3 +116,24 @@ def test_two_processes_match_one_and_leak_nothing(backend, single, preservation_
             torch.testing.assert_close(master[name], final[f"{name}.weight"], rtol=0, atol=1e-7)
     # the trainer's own measurement, on each owner's probes, agrees
     assert max(result["leakage"]["fit"].values()) <= 1e-6
+    if save:
+        check_sharded_state(output / "checkpoint-10" / "nspo", reference)
+
+
+def check_sharded_state(state: Path, reference: dict[str, torch.Tensor]) -> None:
+    """Each rank wrote the W_ref and bases of the groups it owns; one process reads them all back by name."""
+    assert (state / "COMMITTED").is_file()
+    shards = sorted(p.name for p in state.glob("reference-rank*.safetensors"))
+    assert shards == ["reference-rank00000-of-00002.safetensors", "reference-rank00001-of-00002.safetensors"]
+    parts = [load_file(str(state / name)) for name in shards]
+    assert all(parts) and not set(parts[0]) & set(parts[1])  # split, not copied
+    anchors = {**parts[0], **parts[1]}
+    assert set(anchors) == set(MLP)
+    for name in MLP:
+        torch.testing.assert_close(anchors[name], reference[name], rtol=0, atol=0)
+    projector = NullSpaceProjector.load(state / "projector")  # one process now owns every group
+    assert len(list((state / "projector").glob("factors-rank*.safetensors"))) == 2
+    assert all(f.basis is not None for f in projector.factors.values())
+    for name in MLP:
+        delta = torch.randn(3, reference[name].shape[1])
+        torch.testing.assert_close(projector.apply(name, projector.apply(name, delta)), projector.apply(name, delta))

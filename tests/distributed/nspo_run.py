@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--save", action="store_true", help="checkpoint at the last step (NSPO state per rank)")
     cli = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -77,7 +78,8 @@ def main() -> None:
         adam_epsilon=1e-4,
         logging_steps=5,
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps" if cli.save else "no",
+        save_steps=cli.steps,
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
         seed=0,
