@@ -25,6 +25,7 @@ from nspo_trl.nullspace.projector import NullSpaceProjector
 from nspo_trl.preservation import tokenize_preservation
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "distributed"))  # nspo_run's constants
 RUN = ROOT / "tests" / "distributed" / "nspo_run.py"
 CONFIGS = {"ddp": "ddp.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml", "zero3_persistent": "zero3.yaml"}
 MLP = [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]
@@ -71,11 +72,14 @@ def run(command: list[str], output: Path) -> dict:
     return json.loads((output / "result.json").read_text())
 
 
+def single_run(model_dir: str, output: Path, *flags: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    result = run([sys.executable, str(RUN), "--model", model_dir, "--output", str(output), *flags], output)
+    return result, load_file(str(output / "final.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def single(tiny_model_dir, tmp_path_factory):
-    output = tmp_path_factory.mktemp("single")
-    result = run([sys.executable, str(RUN), "--model", tiny_model_dir, "--output", str(output)], output)
-    return result, load_file(str(output / "final.safetensors"))
+    return single_run(tiny_model_dir, tmp_path_factory.mktemp("single"))
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +141,27 @@ def check_sharded_state(state: Path, reference: dict[str, torch.Tensor]) -> None
     for name in MLP:
         delta = torch.randn(3, reference[name].shape[1])
         torch.testing.assert_close(projector.apply(name, projector.apply(name, delta)), projector.apply(name, delta))
+
+
+def test_lora_under_zero3_matches_one_process_and_leaks_nothing(
+    tiny_model_dir, preservation_inputs, tmp_path, tmp_path_factory
+):
+    """``A ← A P`` on ZeRO-3 partitioned adapters: the merged update ``s·B A`` stays in the null space."""
+    from nspo_run import LORA_ALPHA, LORA_RANK
+
+    x, reference = preservation_inputs
+    single_result, single_final = single_run(tiny_model_dir, tmp_path_factory.mktemp("single_lora"), "--lora")
+    output = tmp_path / "out"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cpu_variant("zero3", tmp_path))]
+    result = run([*launch, str(RUN), "--model", tiny_model_dir, "--output", str(output), "--lora"], output)
+    final = load_file(str(output / "final.safetensors"))
+    assert result["world_size"] == 2 and result["zero_stage"] == 3
+    assert result["rewards"] == pytest.approx(single_result["rewards"], abs=1e-5)
+    differences = {name: float((final[name] - value).abs().max()) for name, value in single_final.items()}
+    assert max(differences.values()) <= 1e-5, differences
+    for name in MLP:
+        a = next(v for k, v in final.items() if k.endswith(f"{name}.lora_A.default.weight"))
+        b = next(v for k, v in final.items() if k.endswith(f"{name}.lora_B.default.weight"))
+        delta = (LORA_ALPHA / LORA_RANK) * b @ a
+        assert delta.norm() / reference[name].norm() > 1e-4, f"{name}: LoRA did not train"
+        assert leakage(reference[name] + delta, reference[name], x[name]) <= 1e-6, name

@@ -134,7 +134,7 @@ class ConstrainedUpdate:
         rank, _ = rank_and_world()
         local = {}
         for layer in self.layers:
-            with gathered(list(_constrained_params(layer)) + _lora_b(layer)):
+            with gathered(list(dict.fromkeys([layer.linear.weight, *_constrained_params(layer), *_lora_b(layer)]))):
                 rows = probes.get(self.projector.groups[layer.name])
                 if rank != self.owner(layer) or rows is None or rows.numel() == 0:
                     continue

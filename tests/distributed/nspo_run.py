@@ -32,6 +32,7 @@ from nspo_trl.nullspace.access import gathered
 
 NUM_GENERATIONS = 4
 GLOBAL_BATCH = 8  # two prompts × four completions per step, whatever the number of ranks
+LORA_RANK, LORA_ALPHA = 4, 8
 
 
 class HashedGumbel(LogitsProcessor):
@@ -56,12 +57,22 @@ def length_reward(completions, **kwargs) -> list[float]:
     return [len(c[-1]["content"] if isinstance(c, list) else c) / 10 for c in completions]
 
 
+def lora_config():
+    from peft import LoraConfig
+
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    return LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--save", action="store_true", help="checkpoint at the last step (NSPO state per rank)")
+    parser.add_argument("--lora", action="store_true", help=f"train LoRA adapters (r={LORA_RANK}) on the MLP")
     cli = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -72,7 +83,7 @@ def main() -> None:
         per_device_train_batch_size=GLOBAL_BATCH // world,
         num_generations=NUM_GENERATIONS,
         max_completion_length=8,
-        learning_rate=1e-2,
+        learning_rate=5e-2 if cli.lora else 1e-2,
         # Adam divides by √v: a gradient entry that is round-off (≈1e-10, reduced in another order on 2
         # ranks) would take a full-size step with ε = 1e-8. ε = 1e-4 keeps such entries' steps ≈ lr·g/ε.
         adam_epsilon=1e-4,
@@ -97,6 +108,7 @@ def main() -> None:
         train_dataset=load_named_dataset("nspo_trl:safety_prompts").shuffle(seed=0),
         processing_class=tokenizer,
         preservation_dataset=load_named_dataset("nspo_trl:preservation").select(range(4)),
+        peft_config=lora_config() if cli.lora else None,
     )
     model = trainer.model
     generate = model.generate
@@ -114,7 +126,7 @@ def main() -> None:
             if main_process:
                 final[name] = param.detach().cpu().clone()
     master: dict[str, torch.Tensor] = {}
-    if trainer.is_deepspeed_enabled:
+    if trainer.is_deepspeed_enabled and not cli.lora:
         from deepspeed.utils import safe_get_full_fp32_param
 
         for layer in trainer.protected_layers:
