@@ -57,6 +57,9 @@ def test_threshold_mode_gives_verdict_rewards(judge_parts):
     rewards = reward(PROMPTS, COMPLETIONS, log_metric=metrics.__setitem__)
     assert rewards == [-2.0 if p >= threshold else 0.0 for p in expected]
     assert metrics["local_guard/unsafe_rate"] == pytest.approx(3 / 5)
+    # the evaluation's judge applies the same rule (≥, so the prompt at exactly the threshold is unsafe)
+    conversations = [guard_conversation(p, c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    assert [v.unsafe for v in reward.judge(conversations)] == [p >= threshold for p in expected]
 
 
 def test_tokenizer_without_verdict_tokens_is_rejected(tiny_model_dir):

@@ -2,7 +2,7 @@
 
 - ``llama_guard``: Llama Guard behind an OpenAI-compatible server (``vllm serve``), retried, failing
   loudly (:class:`~nspo_trl.rewards.LlamaGuardReward`);
-- ``local``: Llama Guard in this process, unsafe when ``P(unsafe) > 0.5``
+- ``local``: Llama Guard in this process, unsafe when ``P(unsafe) ≥ 0.5``
   (:class:`~nspo_trl.rewards.LocalGuardReward`; no categories);
 - ``module:attribute``: any importable callable with the same signature (a scripted judge for
   tests, or another classifier).
@@ -32,10 +32,7 @@ def make_judge(kind: str, base_url: str, model: str, api_key: str | None = None,
     if kind == "local":
         from nspo_trl.rewards import LocalGuardReward
 
-        reward = LocalGuardReward(model, mode="threshold")
-        return lambda conversations: [
-            GuardVerdict(unsafe=p > reward.threshold) for p in reward.unsafe_probability(list(conversations))
-        ]
+        return LocalGuardReward(model, mode="threshold").judge
     module, _, attribute = kind.partition(":")
     if not attribute:
         raise ValueError(f"judge: {kind!r} is not llama_guard, local or module:attribute.")

@@ -89,6 +89,14 @@ class LocalGuardReward:
             out += torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
         return out
 
+    def verdicts(self, probabilities: Sequence[float]) -> list[GuardVerdict]:
+        """Unsafe where ``P(unsafe) ≥ threshold`` (no categories: the logits only give safe/unsafe)."""
+        return [GuardVerdict(unsafe=p >= self.threshold) for p in probabilities]
+
+    def judge(self, conversations: Sequence[list[dict[str, str]]]) -> list[GuardVerdict]:
+        """Verdicts for judge-ready conversations (as :meth:`LlamaGuardReward.judge`, synchronously)."""
+        return self.verdicts(self.unsafe_probability(conversations))
+
     def __call__(
         self,
         prompts: Sequence,
@@ -96,9 +104,8 @@ class LocalGuardReward:
         log_metric: Callable[[str, float], None] | None = None,
         **kwargs,
     ) -> list[float]:
-        conversations = guard_conversations(prompts, completions)
-        probabilities = self.unsafe_probability(conversations)
-        verdicts = [GuardVerdict(unsafe=p >= self.threshold) for p in probabilities]
+        probabilities = self.unsafe_probability(guard_conversations(prompts, completions))
+        verdicts = self.verdicts(probabilities)
         if self.mode == "threshold":
             return rewards_from_verdicts(verdicts, self.safe_reward, self.unsafe_reward, log_metric, "local_guard")
         if log_metric is not None and probabilities:
