@@ -1,8 +1,9 @@
 """``python -m nspo_trl.eval --model PATH [--reference PATH] --suite safety,overrefusal,capability,drift``.
 
 Arguments are :class:`EvalArguments` fields (``--field value``, or a YAML via ``--config``), parsed
-by TRL's ``TrlParser``. Bad settings stop with one line naming the field and exit code 2; a judge
-that cannot give a verdict stops the run (exit 2) instead of counting a response as safe.
+by TRL's ``TrlParser`` (``nspo_trl.train.RecipeParser``). Bad settings stop with one line naming
+the field and exit code 2; a judge that cannot give a verdict stops the run (exit 2) instead of
+counting a response as safe.
 Outputs in ``output_dir``: ``report.json``, ``report.md``, ``layers.png``,
 ``safety_vs_capability.png`` and the generated responses (``responses/<model>/<set>.jsonl``).
 """
@@ -16,11 +17,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import TrlParser
-
 from nspo_trl.data import load_named_dataset, seeded_subset
 from nspo_trl.eval.prompt_sets import OVERREFUSAL_SETS, SAFETY_SETS, load_prompt_set, parse_set_specs
 from nspo_trl.rewards import JudgeError
+from nspo_trl.train import RecipeParser
 
 logger = logging.getLogger("nspo_trl.eval")
 SUITES = ("safety", "overrefusal", "capability", "drift")
@@ -167,8 +167,7 @@ def _drift(args: EvalArguments) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        parser = TrlParser([EvalArguments])
-        parser.error = _raise  # one-line errors, like nspo_trl.train
+        parser = RecipeParser([EvalArguments])  # one-line errors, like nspo_trl.train
         (args,) = parser.parse_args_and_config(args=sys.argv[1:] if argv is None else argv)
         results = evaluate(args)
     except (ValueError, JudgeError) as err:
@@ -177,7 +176,3 @@ def cli(argv: list[str] | None = None) -> int:
     print(Path(args.output_dir, "report.md").read_text())
     logger.info("wrote %s", ", ".join(results["files"]))
     return 0
-
-
-def _raise(message: str):
-    raise ValueError(message)

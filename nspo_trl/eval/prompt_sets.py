@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 
-from nspo_trl.data import DATA_FILE_BUILDERS, pku_saferlhf_prompts
+from nspo_trl.data import DATA_FILE_BUILDERS, load_named_dataset, pku_saferlhf_prompts
 
 
 @dataclass(frozen=True)
@@ -68,19 +68,15 @@ def parse_set_specs(specs: str, known: dict[str, PromptSet], field: str) -> dict
             raise ValueError(f"{field}: unknown set {name!r}; choose from {', '.join(known)} (optionally name=FILE).")
         if path and not Path(path).is_file():
             raise ValueError(f"{field}: {path} does not exist.")
+        if path and Path(path).suffix not in DATA_FILE_BUILDERS:
+            raise ValueError(f"{field}: {path}: use one of {', '.join(DATA_FILE_BUILDERS)}.")
         out[name] = path or None
     return out
 
 
 def load_prompt_set(spec: PromptSet, path: str | None = None, limit: int | None = None) -> list[EvalPrompt]:
     """The set's prompts (from ``path`` when given, else from the Hub), at most ``limit`` of them, in order."""
-    if path is not None:
-        builder = DATA_FILE_BUILDERS.get(Path(path).suffix)
-        if builder is None:
-            raise ValueError(f"{path}: use one of {', '.join(DATA_FILE_BUILDERS)}.")
-        dataset = load_dataset(builder, data_files=path, split="train")
-    else:
-        dataset = load_dataset(spec.hub_id, spec.config, split=spec.split)
+    dataset = load_named_dataset(path) if path else load_named_dataset(spec.hub_id, spec.split, spec.config)
     if spec.prepare is not None:
         dataset = spec.prepare(dataset)
     missing = [c for c in (spec.prompt_column, spec.category_column) if c and c not in dataset.column_names]

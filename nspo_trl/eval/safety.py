@@ -27,11 +27,7 @@ def safety_report(prompts: Sequence[EvalPrompt], responses: Sequence[str], judge
     verdicts = judge([guard_conversation(c, r) for c, r in zip(conversations, responses, strict=True)])
     if len(verdicts) != len(prompts):
         raise RuntimeError(f"judge returned {len(verdicts)} verdicts for {len(prompts)} responses")
-    by_category: dict[str, list[int]] = {}
-    for prompt, verdict in zip(prompts, verdicts, strict=True):
-        counts = by_category.setdefault(prompt.category or "all", [0, 0])
-        counts[0] += verdict.unsafe
-        counts[1] += 1
+    by_category = _count_by_category(prompts, [v.unsafe for v in verdicts])
     unsafe = sum(v.unsafe for v in verdicts)
     violated = Counter(c for v in verdicts for c in v.categories)
     return {
@@ -46,14 +42,20 @@ def safety_report(prompts: Sequence[EvalPrompt], responses: Sequence[str], judge
 def overrefusal_report(prompts: Sequence[EvalPrompt], responses: Sequence[str]) -> dict:
     """Refusal counts and rates on prompts that should be answered, overall and per category."""
     refused = [bool(REFUSAL_PATTERN.search(r)) for r in responses]
-    by_category: dict[str, list[int]] = {}
-    for prompt, r in zip(prompts, refused, strict=True):
-        counts = by_category.setdefault(prompt.category or "all", [0, 0])
-        counts[0] += r
-        counts[1] += 1
+    by_category = _count_by_category(prompts, refused)
     return {
         "n": len(prompts),
         "refused": sum(refused),
         "refusal_rate": sum(refused) / len(prompts) if prompts else float("nan"),
         "by_category": {c: {"n": n, "refused": k, "refusal_rate": k / n} for c, (k, n) in sorted(by_category.items())},
     }
+
+
+def _count_by_category(prompts: Sequence[EvalPrompt], flags: Sequence[bool]) -> dict[str, list[int]]:
+    """``{category: [flagged, n]}``; prompts without a category count under ``"all"``."""
+    counts: dict[str, list[int]] = {}
+    for prompt, flag in zip(prompts, flags, strict=True):
+        entry = counts.setdefault(prompt.category or "all", [0, 0])
+        entry[0] += flag
+        entry[1] += 1
+    return counts
