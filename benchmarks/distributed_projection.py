@@ -24,7 +24,7 @@ from projection_step import PRESETS, build, timed
 from torch import nn
 
 from nspo_trl.nullspace.access import parameter_access
-from nspo_trl.nullspace.sharding import all_gather_objects, assign_owners, group_cost, rank_and_world
+from nspo_trl.nullspace.sharding import all_gather_objects, assign_owners, group_costs, rank_and_world
 from nspo_trl.nullspace.update import ConstrainedUpdate
 
 STAGES = {"single": None, "ddp": None, "zero2": 2, "zero3": 3}
@@ -82,11 +82,8 @@ def main() -> None:
     rank, world = rank_and_world()
     hidden, intermediate, num_layers = PRESETS[args.preset]
     layers, projector = build(hidden, intermediate, args.layers or num_layers, args.null_fraction, torch.device("cpu"))
-    members: dict[str, list[int]] = {}
-    for layer in layers:
-        members.setdefault(projector.groups[layer.name], []).append(layer.linear.out_features)
-    costs = {g: group_cost(projector.factors[g].in_features, outs, 4) for g, outs in members.items()}
-    projector.owners = assign_owners(costs, world)
+    shapes = ((projector.groups[layer.name], *layer.linear.weight.shape) for layer in layers)
+    projector.owners = assign_owners(group_costs(shapes, 4), world)
     projector.factors = {
         g: f if projector.owners[g] == rank else f.without_basis() for g, f in projector.factors.items()
     }

@@ -29,7 +29,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from nspo_trl.nullspace.sharding import assign_owners, group_cost, rank_loads
+from nspo_trl.nullspace.sharding import assign_owners, group_costs, rank_loads
 from nspo_trl.nullspace.targets import expand_patterns
 from nspo_trl.tiny_model import tiny_model_shape
 
@@ -88,16 +88,12 @@ def memory_plan(
     """Bytes of each item on the most loaded rank (see the module docstring); LoRA keeps no ``W_ref``."""
     linears = protected_linears(config, target_modules)
     widths = {group: n for _, _, n, group in linears}
-    members: dict[str, list[int]] = {}
-    for _, out_features, _, group in linears:
-        members.setdefault(group, []).append(0 if lora else out_features)
-    w_ref = {g: sum(members[g]) * widths[g] * weight_bytes for g in widths}
-    costs = {g: group_cost(widths[g], members[g], weight_bytes) for g in widths}
+    costs = group_costs(((g, 0 if lora else m, n) for _, m, n, g in linears), weight_bytes)
     owners = assign_owners(costs, num_processes)
     loads = rank_loads(costs, owners, num_processes)
     busiest = max(range(num_processes), key=lambda r: loads[r])
     params = sum(m * n for _, m, n, _ in linears)
-    owned_params = sum(w_ref[g] // weight_bytes for g, r in owners.items() if r == busiest) if not lora else 0
+    owned_params = 0 if lora else sum(m * n for _, m, n, g in linears if owners[g] == busiest)
     n = num_processes
     communication = {
         "zero3": 8 * params / n + 8 * owned_params * (n - 1) / n,
@@ -108,7 +104,7 @@ def memory_plan(
         "protected_linears": len(linears),
         "protected_params": params,
         "input_groups": len(widths),
-        "w_ref": sum(w_ref[g] for g, r in owners.items() if r == busiest),
+        "w_ref": owned_params * weight_bytes,
         "projector_max": sum(widths[g] * (widths[g] // 2) * 4 for g, r in owners.items() if r == busiest),
         "communication": communication if n > 1 else 0,
         "covariances_build": sum(w * w * DTYPE_BYTES[covariance_dtype] for w in widths.values()),

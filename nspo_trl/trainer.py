@@ -22,7 +22,7 @@ from nspo_trl.data import seeded_subset
 from nspo_trl.nullspace.access import full_shape, gathered, parameter_access
 from nspo_trl.nullspace.collect import CovarianceCollector, run_collection
 from nspo_trl.nullspace.projector import NullSpaceProjector, tensor_digest
-from nspo_trl.nullspace.sharding import assign_owners, group_cost
+from nspo_trl.nullspace.sharding import assign_owners, group_costs
 from nspo_trl.nullspace.targets import ProtectedLayer, resolve_protected_layers
 from nspo_trl.nullspace.update import ConstrainedUpdate
 from nspo_trl.preservation import iter_batches, sequences_digest, split_heldout, tokenize_preservation
@@ -130,16 +130,13 @@ class NSPOTrainer(GRPOTrainer):
 
     def group_owners(self, groups: dict[str, str]) -> dict[str, int]:
         """Owner rank of each input group (``groups``: module → group), balancing ``W_ref`` + basis bytes."""
-        members: dict[str, list[int]] = {}
-        widths: dict[str, int] = {}
+        shapes = {layer.name: full_shape(layer.linear.weight) for layer in self.protected_layers}
+        layers = (
+            (groups[layer.name], 0 if layer.is_lora else shapes[layer.name][0], shapes[layer.name][1])
+            for layer in self.protected_layers
+        )
         weight_bytes = self.protected_layers[0].linear.weight.element_size()
-        for layer in self.protected_layers:
-            out_features, in_features = full_shape(layer.linear.weight)
-            group = groups[layer.name]
-            widths[group] = in_features
-            members.setdefault(group, []).append(0 if layer.is_lora else out_features)
-        costs = {g: group_cost(widths[g], outs, weight_bytes) for g, outs in members.items()}
-        return assign_owners(costs, self.accelerator.num_processes)
+        return assign_owners(group_costs(layers, weight_bytes), self.accelerator.num_processes)
 
     def build_projector(self, preservation_dataset: Dataset | None) -> NullSpaceProjector:
         """Collect preservation covariances at the current (reference) weights and build ``P``.

@@ -17,13 +17,13 @@ Every method is collective: all ranks call it for the same parameter in the same
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from nspo_trl.nullspace.sharding import broadcast_tensor, rank_and_world
+from nspo_trl.nullspace.sharding import broadcast_tensor, collective_device, rank_and_world
 
 
 def is_zero3_param(param: torch.Tensor) -> bool:
@@ -40,8 +40,7 @@ def gathered(params: Sequence[nn.Parameter]) -> Iterator[None]:
     """Make ZeRO-3 partitioned ``params`` whole on every rank inside the block (read-only); no-op otherwise."""
     partitioned = [p for p in params if is_zero3_param(p)]
     if not partitioned:
-        with nullcontext():
-            yield
+        yield
         return
     import deepspeed
 
@@ -111,26 +110,27 @@ class Zero3Access(ParameterAccess):
         return torch.cat(parts)[: param.ds_numel].view(param.ds_shape) if rank == owner else None
 
     def scatter(self, param: nn.Parameter, owner: int, value: torch.Tensor | None) -> None:
-        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+        from deepspeed.utils import safe_set_local_fp32_param
 
-        template = safe_get_local_fp32_param(param).reshape(-1)
         rank, world = rank_and_world()
+        part = param.ds_tensor.numel()  # the fp32 master partition has the same (padded) size
+        device = collective_device() if world > 1 else param.ds_tensor.device
         parts = None
         if rank == owner:
-            flat = torch.zeros(template.numel() * world, dtype=torch.float32, device=template.device)
-            flat[: param.ds_numel] = value.reshape(-1)
-            parts = list(flat.split(template.numel()))
+            flat = torch.zeros(part * world, dtype=torch.float32, device=device)
+            flat[: param.ds_numel] = value.reshape(-1).to(device)
+            parts = list(flat.split(part))
         if world == 1:
             local = parts[0]
         else:
-            local = torch.empty_like(template)
+            local = torch.empty(part, dtype=torch.float32, device=device)
             dist.scatter(local, parts, src=owner)
         safe_set_local_fp32_param(param, local)
         param.ds_tensor.data.copy_(local.view_as(param.ds_tensor).to(param.ds_tensor.dtype))
         if param.data.numel() == param.ds_numel:
             # a full copy is materialised on every rank: a persistent parameter (ds_numel below
             # stage3_param_persistence_threshold, e.g. LoRA matrices) or one gathered right now
-            full = broadcast_tensor(value, owner, param.ds_shape, torch.float32, template.device)
+            full = broadcast_tensor(value, owner, param.ds_shape, torch.float32, device)
             param.data.copy_(full.view_as(param.data).to(param.dtype))
 
 

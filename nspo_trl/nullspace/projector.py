@@ -163,8 +163,9 @@ class NullSpaceProjector:
             group: SubspaceFactor.from_covariance(cov, rule)
             for group, cov in tqdm(covariances.items(), desc="NSPO eigendecompositions", disable=not progress)
         }
-        shared = {g: f.without_basis() for part in all_gather_objects(
-            {g: f.without_basis() for g, f in local.items()}) for g, f in part.items()}  # fmt: skip
+        shared: dict[str, SubspaceFactor] = {}
+        for part in all_gather_objects({g: f.without_basis() for g, f in local.items()}):
+            shared.update(part)
         factors = {group: local.get(group, shared[group]) for group in dict.fromkeys(groups.values())}
         return cls(factors, dict(groups), rule, dict(metadata or {}), dict(probes or {}), dict(owners or {}))
 

@@ -16,15 +16,21 @@ of ranks simply reassigns.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 
 
-def group_cost(in_features: int, member_out_features: list[int], weight_bytes: int) -> int:
-    """Worst-case bytes a group's owner stores: ``W_ref`` of its members plus an fp32 basis of ``n·⌊n/2⌋``."""
-    return sum(out * in_features for out in member_out_features) * weight_bytes + in_features * (in_features // 2) * 4
+def group_costs(layers: Iterable[tuple[str, int, int]], weight_bytes: int) -> dict[str, int]:
+    """Worst-case bytes each group's owner stores, from ``(group, out_features, in_features)`` per layer:
+    ``W_ref`` of its layers (``out_features`` 0 for a layer without one, e.g. LoRA) plus an fp32 basis
+    of ``n·⌊n/2⌋``."""
+    costs: dict[str, int] = {}
+    for group, out_features, in_features in layers:
+        costs.setdefault(group, in_features * (in_features // 2) * 4)
+        costs[group] += out_features * in_features * weight_bytes
+    return costs
 
 
 def assign_owners(costs: Mapping[str, int], world_size: int) -> dict[str, int]:
