@@ -5,7 +5,14 @@
 - ``nspo_trl:safety_prompts``: 32 harmful and 32 benign conversational prompts, column
   ``is_harmful`` (for the rule-based refusal reward of smoke runs);
 - ``nspo_trl:preservation``: 60 general-task conversations (arithmetic, code, instruction
-  following) in ``messages`` layout, for building the null space.
+  following) in ``messages`` layout, for building the null space;
+- ``nspo_trl:overrefusal_prompts``: 32 benign prompts that merely sound alarming (XSTest style);
+- ``nspo_trl:general_prompts``: 32 general prompts, disjoint from the preservation data, for drift.
+
+Real harmful requests (see :mod:`nspo_trl.safety_sets`; split ``train`` or ``test``, never overlapping):
+``nspo_trl:harmbench``, ``nspo_trl:donotanswer``, ``nspo_trl:harmful`` (both), and
+``nspo_trl:safety_mix``: HarmBench plus benign prompts (train: the 32 benign ``safety_prompts``;
+test: the over-refusal prompts), so a refusal reward also penalises refusing what is harmless.
 
 Anything else goes to ``datasets.load_dataset`` unchanged (a Hub id, a local directory, or a
 ``.json``/``.jsonl``/``.parquet``/``.csv`` file).
@@ -18,11 +25,11 @@ from prompts answered by the reference model (:func:`generate_preservation_respo
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, concatenate_datasets, load_dataset
 
 from nspo_trl.generation import as_conversations, generate_responses
 
@@ -49,15 +56,44 @@ def seeded_subset(dataset: Dataset, count: int | None, seed: int) -> Dataset:
 def bundled_path(name: str) -> Path:
     path = Path(str(resources.files("nspo_trl") / "resources" / f"{name}.jsonl"))
     if not path.is_file():
-        available = sorted(p.stem for p in path.parent.glob("*.jsonl"))
+        available = sorted([*(p.stem for p in path.parent.glob("*.jsonl")), *_named_sets()])
         raise ValueError(f"dataset {BUNDLED_PREFIX}{name} is not bundled; available: {available}.")
     return path
 
 
+def _bundled(name: str) -> Dataset:
+    return load_dataset("json", data_files=str(bundled_path(name)), split="train")
+
+
+def safety_mix(split: str = "train") -> Dataset:
+    """HarmBench ``split`` plus benign prompts (``category`` ``benign``, or ``overrefusal`` for ``test``)."""
+    from nspo_trl.safety_sets import harmbench
+
+    benign = _bundled("safety_prompts").filter(lambda row: not row["is_harmful"])
+    if split == "test":
+        benign = _bundled("overrefusal_prompts")
+    label = "benign" if split != "test" else "overrefusal"
+    benign = benign.map(lambda _: {"category": label})
+    return concatenate_datasets([harmbench(split), benign.select_columns(["prompt", "is_harmful", "category"])])
+
+
+def _named_sets() -> dict[str, Callable[[str], Dataset]]:
+    from nspo_trl import safety_sets
+
+    return {
+        "harmbench": safety_sets.harmbench,
+        "donotanswer": safety_sets.donotanswer,
+        "harmful": safety_sets.harmful_prompts,
+        "safety_mix": safety_mix,
+    }
+
+
 def load_named_dataset(name: str, split: str = "train", config: str | None = None) -> Dataset:
-    """Load ``name`` (bundled, local file or Hub id) and return ``split``."""
+    """Load ``name`` (bundled, named real set, local file or Hub id) and return ``split``."""
     if name.startswith(BUNDLED_PREFIX):
-        return load_dataset("json", data_files=str(bundled_path(name.removeprefix(BUNDLED_PREFIX))), split="train")
+        key = name.removeprefix(BUNDLED_PREFIX)
+        named = _named_sets()
+        return named[key](split) if key in named else _bundled(key)
     builder = DATA_FILE_BUILDERS.get(Path(name).suffix)
     if builder is not None and Path(name).is_file():
         return load_dataset(builder, data_files=name, split="train")
