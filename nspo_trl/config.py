@@ -36,6 +36,10 @@ class NSPOConfig(GRPOConfig):
             Project after every this many optimizer steps (and always before a checkpoint and at the
             end). `1` keeps every weight the model, vLLM and checkpoints see inside the null space;
             `0` disables the projection (plain GRPO that still logs leakage).
+        nspo_project_gradients (`bool`, defaults to `False`):
+            Also project each protected gradient, `g ← g P`, before the optimizer step (the paper's
+            Eq. 6), so Adam's moments only ever see null-space gradients; the weight projection after
+            the step is kept as the exact safeguard. Not available under DeepSpeed.
         nspo_num_preservation_samples (`int` or `None`):
             Use a random subset of this many preservation examples (seeded by `seed`; the paper: 1k Alpaca
             examples); `None` uses all.
@@ -65,6 +69,9 @@ class NSPOConfig(GRPOConfig):
     nspo_max_null_rank: int | None = field(default=None, metadata={"help": "Optional cap on null dimensions."})
     nspo_project_every: int = field(
         default=1, metadata={"help": "Project every N optimizer steps (0 disables the projection)."}
+    )
+    nspo_project_gradients: bool = field(
+        default=False, metadata={"help": "Also project gradients (g <- gP) before the optimizer step."}
     )
     nspo_num_preservation_samples: int | None = field(
         default=None, metadata={"help": "Use a seeded random subset of this many preservation examples."}

@@ -88,6 +88,8 @@ class NSPOTrainer(GRPOTrainer):
         if not isinstance(args, NSPOConfig):
             raise TypeError(f"args: NSPOTrainer needs an NSPOConfig, got {type(args).__name__}.")
         cached = args.nspo_projector_path and Path(args.nspo_projector_path).is_dir()
+        # token ids of the preservation examples that built C ("fit") and that only measure it ("heldout")
+        self.preservation_sequences: dict[str, list[list[int]]] = {"fit": [], "heldout": []}
         if preservation_dataset is None and not cached:
             raise ValueError(
                 "preservation_dataset: required (general-task examples) unless nspo_projector_path exists."
@@ -105,6 +107,11 @@ class NSPOTrainer(GRPOTrainer):
             raise NotImplementedError(
                 "NSPOTrainer: FSDP is not supported; launch with a DeepSpeed ZeRO-3 config instead "
                 "(accelerate_configs/zero3.yaml), which shards the model the same way."
+            )
+        if args.nspo_project_gradients and self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                "nspo_project_gradients: DeepSpeed keeps gradients in its own partitions; "
+                "set it to false (the weight projection alone is exact) or launch without DeepSpeed."
             )
         self.protected_layers: list[ProtectedLayer] = resolve_protected_layers(self.model, args.nspo_target_modules)
         device = self.protected_layers[0].linear.weight.device
@@ -160,6 +167,7 @@ class NSPOTrainer(GRPOTrainer):
             preservation_dataset, self.processing_class, args.nspo_preservation_max_length
         )
         fit, heldout = split_heldout(sequences, args.nspo_heldout_fraction, seed=args.seed)
+        self.preservation_sequences = {"fit": fit, "heldout": heldout}
         metadata.update(
             data_digest=sequences_digest(sequences, args.nspo_preservation_max_length),
             heldout_fraction=args.nspo_heldout_fraction,
@@ -472,6 +480,8 @@ class _NSPOCallback(TrainerCallback):
             return
         if args.logging_steps and (state.global_step + 1) % max(int(args.logging_steps), 1) == 0:
             self.trainer._grad_null_fraction = self.trainer.constrained_update.gradient_null_fraction()
+        if args.nspo_project_every and args.nspo_project_gradients:
+            self.trainer.constrained_update.project_gradients_()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         every = args.nspo_project_every

@@ -116,6 +116,29 @@ class ConstrainedUpdate:
         self.access.scatter(param, owner, new)
 
     @torch.no_grad()
+    def project_gradients_(self) -> None:
+        """``g ← g P`` for the gradient of every trainable constrained parameter (the paper's Eq. 6).
+
+        Run before the optimizer step, it keeps Adam's first moment inside the null space and makes
+        the step a descent direction of the projected objective (``⟨g, gP⟩ = ‖gP‖² ≥ 0``). Adam's
+        per-coordinate scaling can still rotate the step out of the null space, so the weight
+        projection after the step stays the exact safeguard. Collective under DDP: the owner of each
+        group projects and broadcasts (gradients are already all-reduced and equal on every rank).
+        """
+        rank, world = rank_and_world()
+        with ieee_fp32_matmul():
+            for layer in self.layers:
+                for param in _constrained_params(layer):
+                    if not param.requires_grad or param.grad is None:
+                        continue
+                    owner = self.owner(layer)
+                    if rank == owner:
+                        grad = param.grad.float()
+                        param.grad.copy_(self.projector.apply(layer.name, grad).to(param.grad.dtype))
+                    if world > 1:
+                        torch.distributed.broadcast(param.grad, src=owner)
+
+    @torch.no_grad()
     def weight_delta(self, layer: ProtectedLayer) -> torch.Tensor:
         """``W − W_ref`` (``(m, n)``, float32) on the layer's owner; for LoRA the merged ``Σ s·B A``."""
         if layer.is_lora:
