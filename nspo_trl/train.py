@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import importlib
 import json
 import logging
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from nspo_trl.config import NSPOConfig
@@ -37,6 +38,8 @@ from nspo_trl.data import (
     preservation_pairs,
     seeded_subset,
 )
+from nspo_trl.eval.tax import HeldoutSummary
+from nspo_trl.model_source import cache_dir, resolve_model_path
 from nspo_trl.plan import print_plan
 from nspo_trl.recipe import check_paths, check_recipe_fields, load_recipe
 from nspo_trl.rewards import JudgeError, LlamaGuardReward, LocalGuardReward, refusal_reward
@@ -98,6 +101,16 @@ class NSPOScriptArguments(ScriptArguments):
         default=False, metadata={"help": "Answer the preservation prompts with the reference model (greedy)."}
     )
     preservation_max_new_tokens: int = field(default=256, metadata={"help": "Length of generated responses."})
+    heldout_harmful_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Summary: refusal rate before/after training on these prompts (e.g. nspo_trl:harmbench)."},
+    )
+    heldout_harmful_split: str = field(default="test", metadata={"help": "Its split (never trained on)."})
+    heldout_general_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Summary: drift KL on these general prompts (e.g. nspo_trl:general_prompts)."},
+    )
+    heldout_max_new_tokens: int = field(default=16, metadata={"help": "Summary: tokens per greedy answer."})
     build_tiny_model: bool = field(
         default=False,
         metadata={"help": "Build a tiny random Qwen2 model + tokenizer at model_name_or_path if none is there."},
@@ -116,6 +129,10 @@ class NSPOScriptArguments(ScriptArguments):
             raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}; the paper uses 0.4.")
         if self.judge_mode not in ("probability", "threshold"):
             raise ValueError(f"judge_mode must be 'probability' or 'threshold', got {self.judge_mode!r}.")
+        if bool(self.heldout_harmful_dataset) != bool(self.heldout_general_dataset):
+            raise ValueError("heldout_general_dataset: set both held-out sets (harmful and general) or neither.")
+        if self.heldout_max_new_tokens < 1:
+            raise ValueError(f"heldout_max_new_tokens must be >= 1, got {self.heldout_max_new_tokens}.")
         unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS and n not in JUDGES and "." not in n]
         if unknown:
             raise ValueError(f"reward_funcs: {unknown[0]!r} is neither one of "
@@ -181,7 +198,9 @@ def load_preservation(script_args: NSPOScriptArguments, training_args: NSPOConfi
         if column not in dataset.column_names:
             raise ValueError(f"preservation_prompt_column: {column!r} is not a column of the preservation data.")
         dataset = seeded_subset(dataset, training_args.nspo_num_preservation_samples, training_args.seed)
-        return generate_preservation_responses(dataset[column], model_path, script_args.preservation_max_new_tokens)
+        return cached_preservation_responses(
+            list(dataset[column]), model_path, script_args.preservation_max_new_tokens
+        )
     if script_args.preservation_prompt_column or script_args.preservation_response_column:
         if not (script_args.preservation_prompt_column and script_args.preservation_response_column):
             raise ValueError("preservation_response_column: set both the prompt and the response column.")
@@ -191,6 +210,28 @@ def load_preservation(script_args: NSPOScriptArguments, training_args: NSPOConfi
             script_args.preservation_response_column,
             script_args.preservation_input_column,
         )
+    return dataset
+
+
+def cached_preservation_responses(prompts: list, model_path: str, max_new_tokens: int):
+    """[`generate_preservation_responses`], cached under ``cache_dir()/preservation`` by a digest of the
+    model's files, the prompts and the length, so repeated runs of a recipe answer once."""
+    from datasets import Dataset
+
+    weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    key = hashlib.sha256(json.dumps([model_path, max_new_tokens, prompts], sort_keys=True).encode())
+    for path in weights:
+        stat = path.stat()
+        key.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    cached = cache_dir() / "preservation" / f"{key.hexdigest()[:24]}.jsonl"
+    if cached.is_file():
+        return Dataset.from_json(str(cached))
+    dataset = generate_preservation_responses(prompts, model_path, max_new_tokens)
+    if weights:  # a model without local files (a bare Hub id) has no stable key: do not cache
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = cached.with_suffix(f".tmp-{os.getpid()}")
+        dataset.to_json(str(staging))
+        os.replace(staging, cached)
     return dataset
 
 
@@ -232,14 +273,20 @@ def print_summary(summary: dict) -> None:
     console = Console()
     console.print(table)
     leak = ", ".join(f"{split} {value:.2e}" for split, value in summary["leakage"].items())
-    console.print(
+    line = (
         f"steps {summary['steps']} in {summary['wall_time_s']} s | reward {summary['reward_first']:.3f} -> "
         f"{summary['reward_last']:.3f} | max leakage ‖ΔW X‖/‖W_ref X‖: {leak}"
     )
+    if held := summary.get("heldout"):
+        line += (
+            f" | held-out harmful refused {held['heldout_refusal_before']:.2f} -> {held['heldout_refusal_after']:.2f}"
+            f" | general KL {held['general_kl_mean']:.2e}"
+        )
+    console.print(line)
 
 
-def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig) -> dict:
-    start = time.time()
+def prepare_model(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig) -> str:
+    """The local path to load: the tiny model built on first use, or the resolved Hub id (see ``model_source``)."""
     model_path = model_args.model_name_or_path
     if not model_path:
         raise ValueError("model_name_or_path: required (a Hub id or a local directory).")
@@ -252,11 +299,20 @@ def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args
                     intermediate_size=script_args.tiny_intermediate_size,
                     seed=training_args.seed,
                 )
+        return model_path
+    with training_args.main_process_first(desc="resolve model"):
+        return resolve_model_path(model_path)
+
+
+def build_trainer(
+    script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig, callbacks=None
+) -> NSPOTrainer:
+    """The [`NSPOTrainer`] a recipe describes: model, tokenizer, training prompts, rewards, preservation data."""
     if not script_args.dataset_name:
         raise ValueError("dataset_name: required (prompts to train on).")
     if not script_args.preservation_dataset_name:
         raise ValueError("preservation_dataset_name: required (general-task data whose behaviour NSPO preserves).")
-
+    model_path = prepare_model(script_args, training_args, model_args)
     model_init_kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
     if model_args.attn_implementation:
         model_init_kwargs["attn_implementation"] = model_args.attn_implementation
@@ -265,7 +321,7 @@ def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
     train_dataset = load_training_prompts(script_args, training_args.seed)
     preservation = load_preservation(script_args, training_args, model_path)
-    trainer = NSPOTrainer(
+    return NSPOTrainer(
         model=model_path,
         reward_funcs=[resolve_reward(name, script_args) for name in script_args.reward_funcs],
         args=training_args,
@@ -273,10 +329,41 @@ def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args
         processing_class=tokenizer,
         preservation_dataset=preservation,
         peft_config=get_peft_config(model_args),
+        callbacks=callbacks,
     )
+
+
+def heldout_summary(script_args: NSPOScriptArguments, trainer: NSPOTrainer) -> HeldoutSummary | None:
+    """The before-training half of the held-out figures, when the recipe names held-out sets."""
+    if not script_args.heldout_harmful_dataset:
+        return None
+    harmful = load_named_dataset(script_args.heldout_harmful_dataset, script_args.heldout_harmful_split)
+    general = load_named_dataset(script_args.heldout_general_dataset)
+    for name, dataset in (("heldout_harmful_dataset", harmful), ("heldout_general_dataset", general)):
+        if "prompt" not in dataset.column_names or not len(dataset):
+            raise ValueError(f"{name}: needs a non-empty 'prompt' column of conversations.")
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    reference = AutoModelForCausalLM.from_pretrained(trainer.model.config._name_or_path, dtype=trainer.model.dtype)
+    return HeldoutSummary(
+        reference.to(trainer.model.device),
+        tokenizer,
+        harmful["prompt"],
+        general["prompt"],
+        script_args.heldout_max_new_tokens,
+    )
+
+
+def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig) -> dict:
+    start = time.time()
+    if script_args.heldout_harmful_dataset and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("heldout_harmful_dataset: the summary evaluation runs in one process; use nspo_trl.eval.")
+    trainer = build_trainer(script_args, training_args, model_args)
+    heldout = heldout_summary(script_args, trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     summary = summarize(trainer, time.time() - start)
+    if heldout is not None:
+        summary["heldout"] = heldout.after(trainer.model)
     if trainer.accelerator.is_main_process:
         (Path(training_args.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         print_summary(summary)

@@ -56,6 +56,10 @@ def test_default_recipe_is_the_smoke_recipe():
         (["--preservation_dataset_name", "nspo_trl:nope"], "nspo_trl:nope"),
         (["--reward_funcs", "not_a_reward"], "reward_funcs"),
         (["--nspo_heldout_fraction", "1.0"], "nspo_heldout_fraction"),
+        (["--heldout_harmful_dataset", "nspo_trl:harmbench"], "heldout_general_dataset"),
+        (["--heldout_general_dataset", "nspo_trl:general_prompts"], "heldout_general_dataset"),
+        (["--heldout_max_new_tokens", "0"], "heldout_max_new_tokens"),
+        (["--model_name_or_path", "someone/absent-model", "--build_tiny_model", "false"], "model_name_or_path"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, extra, field):
@@ -118,6 +122,7 @@ def test_generated_preservation_answers_only_the_kept_subset(tmp_path, monkeypat
     import nspo_trl.train as train_module
 
     monkeypatch.chdir(REPO)
+    monkeypatch.setenv("NSPO_TRL_CACHE", str(tmp_path / "cache"))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(40)))
     seen = []
@@ -136,3 +141,45 @@ def test_generated_preservation_answers_only_the_kept_subset(tmp_path, monkeypat
     assert len(seen) == 1 and len(seen[0]) == 5  # 5 of 40 prompts answered, not all
     summary = json.loads((tmp_path / "out" / "nspo_summary.json").read_text())
     assert summary["projector"]["modules"] == 6
+
+
+def test_generated_preservation_answers_are_cached(tmp_path, monkeypatch):
+    """A second run with the same model, prompts and length reads the answers back instead of generating."""
+    import nspo_trl.train as train_module
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("NSPO_TRL_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Name {i} colours."}) + "\n" for i in range(6)))
+    calls = []
+    real = train_module.generate_preservation_responses
+
+    def spy(prompt_list, model_path, max_new_tokens):
+        calls.append(max_new_tokens)
+        return real(prompt_list, model_path, max_new_tokens, use_vllm=False)
+
+    monkeypatch.setattr(train_module, "generate_preservation_responses", spy)
+    extra = ["--preservation_dataset_name", str(prompts), "--generate_preservation_responses", "true",
+             "--max_steps", "1", "--save_strategy", "no"]  # fmt: skip
+    for run, tokens in ((1, "4"), (2, "4"), (3, "5")):
+        args = smoke_args(tmp_path, *extra, "--preservation_max_new_tokens", tokens)
+        args[args.index("--output_dir") + 1] = str(tmp_path / f"out{run}")
+        assert cli(args) == 0
+    assert calls == [4, 5]  # run 2 read run 1's answers; another length is another key
+    cached = list((tmp_path / "cache" / "preservation").glob("*.jsonl"))
+    assert len(cached) == 2
+
+
+def test_heldout_summary_reports_refusal_and_drift(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    code = cli(smoke_args(
+        tmp_path, "--heldout_harmful_dataset", "nspo_trl:safety_prompts", "--heldout_harmful_split", "train",
+        "--heldout_general_dataset", "nspo_trl:general_prompts", "--heldout_max_new_tokens", "6",
+    ))  # fmt: skip
+    assert code == 0
+    held = json.loads((tmp_path / "out" / "nspo_summary.json").read_text())["heldout"]
+    assert held["heldout_refusal_before"] == 0.0  # a random tiny model never writes a refusal phrase
+    assert 0.0 <= held["heldout_refusal_after"] <= 1.0
+    assert held["general_kl_mean"] > 1e-6  # 6 steps at lr 1e-2 move a tiny model's attention freely
+    assert 0.0 <= held["general_top1_agreement"] <= 1.0
+    assert "held-out harmful refused 0.00 ->" in capsys.readouterr().out

@@ -35,13 +35,16 @@ def drift_report(
     reference: torch.nn.Module,
     sequences: list[list[int]],
     pad_token_id: int,
-    targets: list[str],
+    targets: list[str] | None,
     batch_size: int = 8,
     projector_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Distribution drift and per-layer leakage of ``model`` against ``reference`` (same architecture)."""
-    layers = {layer.name: layer.linear for layer in resolve_protected_layers(reference, targets)}
+    """Distribution drift and per-layer leakage of ``model`` against ``reference`` (same architecture).
+
+    ``targets=None`` skips the per-layer leakage (the distribution figures alone are much cheaper).
+    """
+    layers = {layer.name: layer.linear for layer in resolve_protected_layers(reference, targets)} if targets else {}
     trained = dict(model.named_modules())
     sums = {name: [0.0, 0.0] for name in layers}  # ‖X ΔWᵀ‖², ‖X W_refᵀ‖²
     mask_holder: dict[str, torch.Tensor] = {}

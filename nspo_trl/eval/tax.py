@@ -1,0 +1,109 @@
+"""The alignment tax in a few numbers: refusal on held-out harmful prompts, drift on held-out general ones.
+
+Shared by the end-of-run summary of ``nspo_trl.train`` (``heldout_harmful_dataset`` /
+``heldout_general_dataset``) and ``benchmarks/alignment_tax.py``. Judges are rule-based and need no
+model: a response is *refused* when an explicit refusal phrase appears
+(:data:`nspo_trl.rewards.refusal.REFUSAL_PATTERN`); with a Llama Guard server use ``nspo_trl.eval``.
+
+Drift is measured teacher-forced on the reference model's own greedy answers to the general prompts
+(see :func:`nspo_trl.eval.drift.drift_report`): ``KL(ref ‖ model)`` per answer token and top-1
+agreement. Leakage per layer kind (:func:`layer_kind_leakage`) covers what NSPO may leave free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from nspo_trl.eval.drift import drift_report
+from nspo_trl.generation import generate_responses
+from nspo_trl.rewards.refusal import REFUSAL_PATTERN
+
+
+def refused(text: str) -> bool:
+    """The keyword judge: an explicit refusal phrase ("I'm sorry", "I can't help", …) appears."""
+    return REFUSAL_PATTERN.search(text) is not None
+
+
+def greedy_answers(model, tokenizer, prompts: Sequence, max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy answers of ``model`` (in eval mode; its mode is restored) to conversational prompts."""
+    was_training = model.training
+    model.eval()
+    try:
+        return generate_responses(
+            prompts,
+            "",
+            max_new_tokens,
+            use_vllm=False,
+            batch_size=batch_size,
+            tokenizer=tokenizer,
+            model=model,
+            description="held-out answers",
+        )
+    finally:
+        model.train(was_training)
+
+
+def answer_sequences(tokenizer, prompts: Sequence, answers: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt followed by its answer, as the chat template renders them."""
+    conversations = [[*p, {"role": "assistant", "content": a}] for p, a in zip(prompts, answers, strict=True)]
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
+@torch.no_grad()
+def layer_kind_leakage(model, reference, sequences: list[list[int]], pad_token_id: int) -> dict[str, float]:
+    """Max relative output change per layer kind on ``sequences``, ``model`` against ``reference``.
+
+    ``mlp`` / ``attention``: every linear's ``‖X ΔWᵀ‖/‖X W_refᵀ‖`` (X: the reference's inputs);
+    ``embedding``: ``‖ΔE[t]‖/‖E[t]‖`` over the tokens ``t`` that occur; ``norm``: ``‖Δγ‖/‖γ‖``.
+    """
+    report = drift_report(model, reference, sequences, pad_token_id, ["full"], progress=False)
+    kinds = {"mlp": 0.0, "attention": 0.0}
+    for name, layer in report["layers"].items():
+        kind = "mlp" if ".mlp." in name else "attention" if ".self_attn." in name else None
+        if kind:
+            kinds[kind] = max(kinds[kind], layer["leakage"])
+    tokens = torch.tensor(sorted({t for s in sequences for t in s}))
+    emb, emb_ref = model.get_input_embeddings().weight, reference.get_input_embeddings().weight
+    kinds["embedding"] = float((emb[tokens] - emb_ref[tokens]).norm() / emb_ref[tokens].norm())
+    norms = [
+        float((p - reference.get_parameter(n)).norm() / reference.get_parameter(n).norm())
+        for n, p in model.named_parameters()
+        if "norm" in n
+    ]
+    kinds["norm"] = max(norms, default=0.0)
+    return kinds
+
+
+class HeldoutSummary:
+    """Before/after figures of one training run, on prompts it never trains on.
+
+    ``reference`` is the untrained model, loaded on its own (a second full copy: single-process runs of
+    small models only). It answers the general prompts greedily and its refusal rate on the harmful
+    ones is measured once; :meth:`after` measures the trained model the same way.
+    """
+
+    def __init__(
+        self, reference, tokenizer, harmful_prompts: Sequence, general_prompts: Sequence, max_new_tokens: int
+    ) -> None:
+        self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
+        self.harmful, self.general = list(harmful_prompts), list(general_prompts)
+        self.reference = reference.eval().requires_grad_(False)
+        self.refusal_before = self.refusal_rate(self.reference)
+        answers = greedy_answers(self.reference, tokenizer, self.general, max_new_tokens)
+        self.sequences = answer_sequences(tokenizer, self.general, answers)
+
+    def refusal_rate(self, model) -> float:
+        answers = greedy_answers(model, self.tokenizer, self.harmful, self.max_new_tokens)
+        return sum(refused(a) for a in answers) / len(answers)
+
+    def after(self, model) -> dict[str, float]:
+        drift = drift_report(model, self.reference, self.sequences, self.tokenizer.pad_token_id, None, progress=False)
+        return {
+            "heldout_refusal_before": self.refusal_before,
+            "heldout_refusal_after": self.refusal_rate(model),
+            "general_kl_mean": drift["kl_mean"],
+            "general_top1_agreement": drift["top1_agreement"],
+        }
