@@ -101,14 +101,16 @@ def train_and_measure(model_dir, tokenizer, tmp_path, project_every: int):
 def test_nspo_keeps_heldout_mlp_outputs_where_grpo_moves_them(smollm2_dir, tmp_path):
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    nspo_leak, nspo_moved, trainer = train_and_measure(smollm2_dir, tokenizer, tmp_path, project_every=1)
+    nspo, nspo_moved, trainer = train_and_measure(smollm2_dir, tokenizer, tmp_path, project_every=1)
     assert len(trainer.protected_layers) == 90  # 30 layers × gate/up/down
     assert 0.05 < trainer.projector.summary()["null_fraction"] < 0.95
-    grpo_leak, grpo_moved, _ = train_and_measure(smollm2_dir, tokenizer, tmp_path, project_every=0)
+    grpo, grpo_moved, _ = train_and_measure(smollm2_dir, tokenizer, tmp_path, project_every=0)
+    mean = {run: sum(leaks.values()) / len(leaks) for run, leaks in (("nspo", nspo), ("grpo", grpo))}
     print(
-        f"held-out MLP leakage: NSPO {nspo_leak:.2e} (moved {nspo_moved:.1e}), GRPO {grpo_leak:.2e} "
-        f"(moved {grpo_moved:.1e}), ratio {grpo_leak / nspo_leak:.1f}"
+        f"held-out MLP leakage max / mean over layers: NSPO {max(nspo.values()):.2e} / {mean['nspo']:.2e} "
+        f"(moved {nspo_moved:.1e}), GRPO {max(grpo.values()):.2e} / {mean['grpo']:.2e} (moved {grpo_moved:.1e})"
     )
     assert nspo_moved > 1e-5  # NSPO did train the MLPs ...
-    assert nspo_leak <= 1e-4  # ... without moving their outputs on held-out general data
-    assert grpo_leak >= 10 * nspo_leak
+    assert max(nspo.values()) <= 1e-4  # ... without moving their outputs on held-out general data
+    # the same steps unconstrained move those outputs ten times more, layer for layer on average
+    assert mean["grpo"] >= 10 * mean["nspo"]
