@@ -42,7 +42,7 @@ from nspo_trl.eval.tax import HeldoutSummary
 from nspo_trl.model_source import cache_dir, resolve_model_path
 from nspo_trl.plan import print_plan
 from nspo_trl.recipe import check_paths, check_recipe_fields, load_recipe
-from nspo_trl.rewards import JudgeError, LlamaGuardReward, LocalGuardReward, refusal_reward
+from nspo_trl.rewards import JudgeError, LlamaGuardReward, LocalGuardReward, keyword_refusal_reward, refusal_reward
 from nspo_trl.tiny_model import build_tiny_model
 from nspo_trl.trainer import NSPOTrainer
 from nspo_trl.versions import check_versions
@@ -51,7 +51,7 @@ logger = logging.getLogger("nspo_trl.train")
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
 JUDGES = ("llama_guard", "local_guard")
-REWARD_FUNCS = {"refusal": refusal_reward}
+REWARD_FUNCS = {"refusal": refusal_reward, "refusal_keyword": keyword_refusal_reward}
 SUMMARY_FILE = "nspo_summary.json"
 
 
@@ -61,7 +61,7 @@ class NSPOScriptArguments(ScriptArguments):
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["refusal"],
-        metadata={"help": "Reward functions: refusal, llama_guard (server), local_guard, or 'module.function'."},
+        metadata={"help": "Reward functions: refusal, refusal_keyword, llama_guard (server), local_guard, or 'module.function'."},
     )
     judge_base_url: str = field(
         default="http://127.0.0.1:8000/v1", metadata={"help": "llama_guard: the judge server's OpenAI API root."}

@@ -9,7 +9,7 @@
 from nspo_trl.rewards.guard import GuardVerdict, JudgeError, guard_conversation, parse_verdict
 from nspo_trl.rewards.llama_guard import LlamaGuardReward
 from nspo_trl.rewards.local_guard import LocalGuardReward
-from nspo_trl.rewards.refusal import completion_text, refusal_reward, refusal_score
+from nspo_trl.rewards.refusal import completion_text, keyword_refusal_reward, refusal_reward, refusal_score
 
 __all__ = [
     "GuardVerdict",
@@ -18,6 +18,7 @@ __all__ = [
     "LocalGuardReward",
     "completion_text",
     "guard_conversation",
+    "keyword_refusal_reward",
     "parse_verdict",
     "refusal_reward",
     "refusal_score",

@@ -9,6 +9,10 @@ where ``s = refusal_score(completion) ∈ [0, 1]`` is 1 for an explicit refusal 
 otherwise the best ``difflib`` similarity ratio to a few canonical refusals, so even a tiny
 random model gets a graded signal instead of an almost always constant one. It is a proxy
 for pipelines and tests, not a safety judge.
+
+:func:`keyword_refusal_reward` is the same rule with ``s ∈ {0, 1}`` (an explicit refusal phrase or
+not): for a real model, whose answers refuse or do not, the graded similarity only adds noise that
+GRPO's per-group normalisation amplifies (text that merely shares letters with a refusal scores higher).
 """
 
 from __future__ import annotations
@@ -52,3 +56,11 @@ def refusal_reward(completions: Sequence, is_harmful: Sequence[bool] | None = No
         raise ValueError("refusal_reward: the training data set needs an 'is_harmful' column.")
     scores = [refusal_score(completion_text(c)) for c in completions]
     return [s - 1.0 if harmful else -s for s, harmful in zip(scores, is_harmful, strict=True)]
+
+
+def keyword_refusal_reward(completions: Sequence, is_harmful: Sequence[bool] | None = None, **kwargs) -> list[float]:
+    """TRL reward callable: ``refused − 1`` on harmful prompts, ``−refused`` on benign ones (``refused ∈ {0, 1}``)."""
+    if is_harmful is None:
+        raise ValueError("keyword_refusal_reward: the training data set needs an 'is_harmful' column.")
+    refused = [float(REFUSAL_PATTERN.search(completion_text(c)) is not None) for c in completions]
+    return [r - 1.0 if harmful else -r for r, harmful in zip(refused, is_harmful, strict=True)]
