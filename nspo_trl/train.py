@@ -61,7 +61,9 @@ class NSPOScriptArguments(ScriptArguments):
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["refusal"],
-        metadata={"help": "Reward functions: refusal, refusal_keyword, llama_guard (server), local_guard, or 'module.function'."},
+        metadata={
+            "help": "Rewards: refusal, refusal_keyword, llama_guard (server), local_guard, or 'module.function'."
+        },
     )
     judge_base_url: str = field(
         default="http://127.0.0.1:8000/v1", metadata={"help": "llama_guard: the judge server's OpenAI API root."}
