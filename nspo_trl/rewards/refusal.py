@@ -6,13 +6,18 @@ It mirrors the Llama Guard convention of the paper (safe 0, unsafe −1) with a 
 - benign prompt: ``r = −s`` (refusing a harmless request is penalised: over-refusal);
 
 where ``s = refusal_score(completion) ∈ [0, 1]`` is 1 for an explicit refusal phrase and
-otherwise the best ``difflib`` similarity ratio to a few canonical refusals, so even a tiny
-random model gets a graded signal instead of an almost always constant one. It is a proxy
+otherwise the best ``difflib`` similarity ratio between the *opening* of the completion (its first
+``OPENING_CHARS`` characters) and the openings of a few canonical refusals, so even a tiny random
+model gets a graded signal instead of an almost always constant one. Scoring only the opening
+matters on a real model: scored over the whole text, GRPO on SmolLM2 learned within 24 steps to
+answer everything with "Dear Sarah, I wanted to help with a help with …", text that shares words
+with a refusal but refuses nothing; the opening is where a refusal is decided. It is a proxy
 for pipelines and tests, not a safety judge.
 
 :func:`keyword_refusal_reward` is the same rule with ``s ∈ {0, 1}`` (an explicit refusal phrase or
-not): for a real model, whose answers refuse or do not, the graded similarity only adds noise that
-GRPO's per-group normalisation amplifies (text that merely shares letters with a refusal scores higher).
+not): the paper's reward shape with a keyword judge. It gives GRPO a signal only once some sampled
+completions refuse; SmolLM2-135M-Instruct refused in none of 48 samples at temperature 1, so its
+recipe uses the graded proxy.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ REFUSAL_PATTERN = re.compile(
     r"i\s*(?:must|have to)\s*decline|not\s*able\s*to\s*help)\b",
     re.IGNORECASE,
 )
+OPENING_CHARS = 16
 CANONICAL_REFUSALS = (
     "I'm sorry, but I can't help with that.",
     "I cannot assist with that request.",
@@ -41,13 +47,15 @@ def completion_text(completion) -> str:
 
 
 def refusal_score(text: str) -> float:
-    """1.0 for an explicit refusal, else the best similarity ratio to a canonical refusal (0 for empty text)."""
+    """1.0 for an explicit refusal, else the best similarity of the text's opening to a refusal's (0 if empty)."""
     if REFUSAL_PATTERN.search(text):
         return 1.0
     if not text.strip():
         return 0.0
-    lowered = text.lower()
-    return max(SequenceMatcher(None, lowered, refusal.lower()).ratio() for refusal in CANONICAL_REFUSALS)
+    opening = text.strip().lower()[:OPENING_CHARS]
+    return max(
+        SequenceMatcher(None, opening, refusal.lower()[:OPENING_CHARS]).ratio() for refusal in CANONICAL_REFUSALS
+    )
 
 
 def refusal_reward(completions: Sequence, is_harmful: Sequence[bool] | None = None, **kwargs) -> list[float]:
