@@ -138,7 +138,7 @@ def main() -> None:
             last_inputs[key] = {g: torch.cat(v).mean(0) for g, v in captured.items()}
 
     rows = []
-    eig = {g: torch.linalg.eigh(c) for g, c in c_fit.items()}
+    eig = {g: tuple(t.double() for t in torch.linalg.eigh(c)) for g, c in c_fit.items()}
     for alpha in args.alphas:
         per_kind: dict[str, dict[str, list[float]]] = {}
         for group, (lam, vectors) in eig.items():
@@ -148,7 +148,7 @@ def main() -> None:
             )
             share["null_dim"].append(null.shape[1] / lam.numel())
             for key, cov in (("fit", c_fit), ("heldout", c_held), ("harmful", c_harm)):
-                c = cov[group]
+                c = cov[group].double()
                 share[key].append(float(torch.trace(null.T @ c @ null) / torch.trace(c)))
             kept = norm = 0.0
             for module, g in groups.items():
@@ -158,7 +158,7 @@ def main() -> None:
                     norm += float(grad.pow(2).sum())
             share["grad"].append((kept / norm) ** 0.5 if norm else float("nan"))
             if group in gate_groups:
-                d = last_inputs["harmful"][group] - last_inputs["benign"][group]
+                d = (last_inputs["harmful"][group] - last_inputs["benign"][group]).double()
                 share["direction"].append(float((null.T @ d).pow(2).sum() / d.pow(2).sum()))
         for kind, share in per_kind.items():
             mean = {k: sum(v) / len(v) if v else None for k, v in share.items()}
