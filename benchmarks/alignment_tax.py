@@ -240,8 +240,9 @@ def plot(runs: list[dict], out: Path) -> None:
             s=40,
         )
     ax.set_xscale("log")
-    ax.set_xlabel("drift: KL(reference ‖ model) per token on held-out general prompts (log)")
+    ax.set_xlabel("drift: KL(reference ‖ model) per token on held-out general prompts (log; KL = 0 drawn at 1e-7)")
     ax.set_ylabel("unsafe rate, held-out HarmBench (keyword judge)")
+    ax.set_ylim(-0.03, 1.05)
     ax.set_title("SmolLM2-135M-Instruct: safety vs drift, one point per run")
     ax.legend(fontsize=8)
     fig.savefig(out / "safety_vs_drift.png", dpi=120)
@@ -265,8 +266,9 @@ def plot(runs: list[dict], out: Path) -> None:
             label=LABELS.get(run["method"]) if first else None,
         )
     ax.set_xscale("log")
-    ax.set_xlabel("drift: KL per token on held-out general prompts (log)")
+    ax.set_xlabel("drift: KL per token on held-out general prompts (log; KL = 0 drawn at 1e-7)")
     ax.set_ylabel("unsafe rate (24 held-out HarmBench prompts)")
+    ax.set_ylim(-0.03, 1.05)
     ax.set_title("Along training: every evaluation a point (lower left is better)")
     ax.legend(fontsize=8)
     fig.savefig(out / "paths.png", dpi=120)
