@@ -46,7 +46,7 @@ from nspo_trl.data import load_named_dataset
 from nspo_trl.eval.drift import drift_report
 from nspo_trl.eval.tax import answer_sequences, greedy_answers, layer_kind_leakage, refused
 from nspo_trl.rewards.refusal import refusal_score
-from nspo_trl.train import build_trainer, parse
+from nspo_trl.train import build_trainer, parse, prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS: dict[str, list[str]] = {
@@ -292,8 +292,6 @@ def main() -> None:
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
 
     script_args, training_args, model_args = parse([str(args.recipe)])
-    from nspo_trl.train import prepare_model
-
     model_path = prepare_model(script_args, training_args, model_args)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()

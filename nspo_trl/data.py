@@ -69,10 +69,10 @@ def safety_mix(split: str = "train") -> Dataset:
     """HarmBench ``split`` plus benign prompts (``category`` ``benign``, or ``overrefusal`` for ``test``)."""
     from nspo_trl.safety_sets import harmbench
 
-    benign = _bundled("safety_prompts").filter(lambda row: not row["is_harmful"])
     if split == "test":
-        benign = _bundled("overrefusal_prompts")
-    label = "benign" if split != "test" else "overrefusal"
+        benign, label = _bundled("overrefusal_prompts"), "overrefusal"
+    else:
+        benign, label = _bundled("safety_prompts").filter(lambda row: not row["is_harmful"]), "benign"
     benign = benign.map(lambda _: {"category": label})
     return concatenate_datasets([harmbench(split), benign.select_columns(["prompt", "is_harmful", "category"])])
 

@@ -118,54 +118,51 @@ def test_unreachable_judge_stops_before_training(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_generated_preservation_answers_only_the_kept_subset(tmp_path, monkeypatch):
+@pytest.fixture
+def generation_calls(tmp_path, monkeypatch) -> list[tuple[list, int]]:
+    """Every call of the preservation-answer generator, as (prompts, max_new_tokens); cache in tmp_path."""
     import nspo_trl.train as train_module
 
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("NSPO_TRL_CACHE", str(tmp_path / "cache"))
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(40)))
-    seen = []
+    calls = []
     real = train_module.generate_preservation_responses
 
     def spy(prompt_list, model_path, max_new_tokens):
-        seen.append(list(prompt_list))
+        calls.append((list(prompt_list), max_new_tokens))
         return real(prompt_list, model_path, max_new_tokens, use_vllm=False)
 
     monkeypatch.setattr(train_module, "generate_preservation_responses", spy)
+    return calls
+
+
+def test_generated_preservation_answers_only_the_kept_subset(tmp_path, generation_calls):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(40)))
     code = cli(smoke_args(
         tmp_path, "--preservation_dataset_name", str(prompts), "--generate_preservation_responses", "true",
         "--preservation_max_new_tokens", "4", "--nspo_num_preservation_samples", "5",
     ))  # fmt: skip
     assert code == 0
-    assert len(seen) == 1 and len(seen[0]) == 5  # 5 of 40 prompts answered, not all
+    assert len(generation_calls) == 1 and len(generation_calls[0][0]) == 5  # 5 of 40 prompts answered, not all
     summary = json.loads((tmp_path / "out" / "nspo_summary.json").read_text())
     assert summary["projector"]["modules"] == 6
 
 
-def test_generated_preservation_answers_are_cached(tmp_path, monkeypatch):
+def test_generated_preservation_answers_are_cached(tmp_path, generation_calls):
     """A second run with the same model, prompts and length reads the answers back instead of generating."""
-    import nspo_trl.train as train_module
-
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("NSPO_TRL_CACHE", str(tmp_path / "cache"))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Name {i} colours."}) + "\n" for i in range(6)))
-    calls = []
-    real = train_module.generate_preservation_responses
-
-    def spy(prompt_list, model_path, max_new_tokens):
-        calls.append(max_new_tokens)
-        return real(prompt_list, model_path, max_new_tokens, use_vllm=False)
-
-    monkeypatch.setattr(train_module, "generate_preservation_responses", spy)
     extra = ["--preservation_dataset_name", str(prompts), "--generate_preservation_responses", "true",
              "--max_steps", "1", "--save_strategy", "no"]  # fmt: skip
     for run, tokens in ((1, "4"), (2, "4"), (3, "5")):
         args = smoke_args(tmp_path, *extra, "--preservation_max_new_tokens", tokens)
         args[args.index("--output_dir") + 1] = str(tmp_path / f"out{run}")
         assert cli(args) == 0
-    assert calls == [4, 5]  # run 2 read run 1's answers; another length is another key
+    assert [tokens for _, tokens in generation_calls] == [
+        4,
+        5,
+    ]  # run 2 read run 1's answers; another length: a new key
     cached = list((tmp_path / "cache" / "preservation").glob("*.jsonl"))
     assert len(cached) == 2
 
