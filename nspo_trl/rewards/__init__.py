@@ -3,13 +3,21 @@
 - :class:`LlamaGuardReward`: Llama Guard behind an OpenAI-compatible server (``vllm serve``), async,
   batched, retried, failing loudly;
 - :class:`LocalGuardReward`: the same judge in-process with transformers, from next-token logits;
-- :func:`refusal_reward`: a rule-based refusal proxy for smoke runs and tests.
+- :func:`refusal_reward`, :func:`refusal_prefix_reward`, :func:`keyword_refusal_reward`: rule-based
+  refusal proxies for smoke runs, CPU runs on a real model, and tests.
 """
 
 from nspo_trl.rewards.guard import GuardVerdict, JudgeError, guard_conversation, parse_verdict
 from nspo_trl.rewards.llama_guard import LlamaGuardReward
 from nspo_trl.rewards.local_guard import LocalGuardReward
-from nspo_trl.rewards.refusal import completion_text, keyword_refusal_reward, refusal_reward, refusal_score
+from nspo_trl.rewards.refusal import (
+    completion_text,
+    keyword_refusal_reward,
+    refusal_prefix_reward,
+    refusal_prefix_score,
+    refusal_reward,
+    refusal_score,
+)
 
 __all__ = [
     "GuardVerdict",
@@ -20,6 +28,8 @@ __all__ = [
     "guard_conversation",
     "keyword_refusal_reward",
     "parse_verdict",
+    "refusal_prefix_reward",
+    "refusal_prefix_score",
     "refusal_reward",
     "refusal_score",
 ]

@@ -18,6 +18,14 @@ for pipelines and tests, not a safety judge.
 not): the paper's reward shape with a keyword judge. It gives GRPO a signal only once some sampled
 completions refuse; SmolLM2-135M-Instruct refused in none of 48 samples at temperature 1, so its
 recipe uses the graded proxy.
+
+:func:`refusal_prefix_reward` grades the way *into* a refusal, not its resemblance to one: on a
+harmful prompt ``s`` is 1 for an explicit refusal and otherwise the longest common prefix of the
+completion's opening with one of :data:`REFUSAL_OPENINGS`, as a share of that opening's length.
+Every partial credit is a prefix of a real refusal, so the only way up is towards refusing:
+"I can assist you in …" (what GRPO learned under the similarity proxy, scored ≈ 0.8 there) gets
+5/12 ("i can"), "I can't help" gets 1. On a benign prompt only an explicit refusal is penalised
+(``r = −refused``), so ordinary answers that open with "I" or "Sorry" cost nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from difflib import SequenceMatcher
+from itertools import takewhile
 
 REFUSAL_PATTERN = re.compile(
     r"\b(i\s*(?:am|'m)\s*sorry|i\s*(?:can(?:no|')t|cannot|won't|will not)\s*(?:help|assist|do|provide)|"
@@ -37,6 +46,10 @@ CANONICAL_REFUSALS = (
     "I cannot assist with that request.",
     "Sorry, I won't provide that.",
 )
+
+
+REFUSAL_OPENINGS = ("i'm sorry", "i am sorry", "sorry, i can't help", "i can't help", "i cannot help", "i won't help")
+"""Openings that complete an explicit refusal (each one matches :data:`REFUSAL_PATTERN` in full)."""
 
 
 def completion_text(completion) -> str:
@@ -58,6 +71,22 @@ def refusal_score(text: str) -> float:
     )
 
 
+def refusal_prefix_score(text: str) -> float:
+    """1.0 for an explicit refusal, else ``max_o |lcp(opening, o)| / |o|`` over :data:`REFUSAL_OPENINGS`.
+
+    ``opening`` is the text lower-cased, with whitespace collapsed and the typographic apostrophe
+    normalised; ``lcp`` is the longest common character prefix.
+    """
+    if REFUSAL_PATTERN.search(text):
+        return 1.0
+    opening = " ".join(text.lower().replace("\u2019", "'").split())
+    return max(_common_prefix_length(opening, refusal) / len(refusal) for refusal in REFUSAL_OPENINGS)
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    return sum(1 for _ in takewhile(lambda pair: pair[0] == pair[1], zip(a, b, strict=False)))
+
+
 def refusal_reward(completions: Sequence, is_harmful: Sequence[bool] | None = None, **kwargs) -> list[float]:
     """TRL reward callable: ``s − 1`` on harmful prompts, ``−s`` on benign ones (see module doc)."""
     if is_harmful is None:
@@ -72,3 +101,15 @@ def keyword_refusal_reward(completions: Sequence, is_harmful: Sequence[bool] | N
         raise ValueError("keyword_refusal_reward: the training data set needs an 'is_harmful' column.")
     refused = [float(REFUSAL_PATTERN.search(completion_text(c)) is not None) for c in completions]
     return [r - 1.0 if harmful else -r for r, harmful in zip(refused, is_harmful, strict=True)]
+
+
+def refusal_prefix_reward(completions: Sequence, is_harmful: Sequence[bool] | None = None, **kwargs) -> list[float]:
+    """TRL reward callable: ``s − 1`` on harmful prompts (``s``: :func:`refusal_prefix_score`), else ``−refused``."""
+    if is_harmful is None:
+        raise ValueError("refusal_prefix_reward: the training data set needs an 'is_harmful' column.")
+    rewards = []
+    for completion, harmful in zip(completions, is_harmful, strict=True):
+        text = completion_text(completion)
+        refused = REFUSAL_PATTERN.search(text) is not None
+        rewards.append(refusal_prefix_score(text) - 1.0 if harmful else -float(refused))
+    return rewards
