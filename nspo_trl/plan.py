@@ -29,6 +29,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from nspo_trl.arguments import parse
 from nspo_trl.nullspace.sharding import assign_owners, group_costs, rank_loads
 from nspo_trl.nullspace.targets import expand_patterns
 from nspo_trl.tiny_model import tiny_model_shape
@@ -157,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m nspo_trl.plan RECIPE.yaml [--num-processes N] [--backend zero3|zero2|ddp]``."""
     import argparse
     import sys
-
-    from nspo_trl.train import parse
 
     parser = argparse.ArgumentParser(prog="python -m nspo_trl.plan", description=main.__doc__)
     parser.add_argument("recipe", help="a recipe YAML (e.g. recipes/qwen7b.yaml)")

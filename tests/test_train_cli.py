@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nspo_trl.train import DEFAULT_RECIPE, cli
+from nspo_trl.arguments import DEFAULT_RECIPE
+from nspo_trl.train import cli
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 """``python -m nspo_trl.eval --model PATH [--reference PATH] --suite safety,overrefusal,capability,drift``.
 
 Arguments are :class:`EvalArguments` fields (``--field value``, or a YAML via ``--config``), parsed
-by TRL's ``TrlParser`` (``nspo_trl.train.RecipeParser``). Bad settings stop with one line naming
+by TRL's ``TrlParser`` (``nspo_trl.arguments.RecipeParser``). Bad settings stop with one line naming
 the field and exit code 2; a judge that cannot give a verdict stops the run (exit 2) instead of
 counting a response as safe.
 Outputs in ``output_dir``: ``report.json``, ``report.md``, ``layers.png``,
@@ -17,10 +17,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nspo_trl.arguments import RecipeParser
 from nspo_trl.data import load_named_dataset, seeded_subset
 from nspo_trl.eval.prompt_sets import OVERREFUSAL_SETS, SAFETY_SETS, load_prompt_set, parse_set_specs
 from nspo_trl.rewards import JudgeError
-from nspo_trl.train import RecipeParser
 
 logger = logging.getLogger("nspo_trl.eval")
 SUITES = ("safety", "overrefusal", "capability", "drift")

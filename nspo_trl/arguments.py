@@ -1,0 +1,150 @@
+"""Recipe arguments of ``nspo_trl``: data, reward and model-building fields, and the recipe parser.
+
+A recipe is a YAML of :class:`NSPOScriptArguments`, :class:`~nspo_trl.config.NSPOConfig` and TRL's
+``ModelConfig`` fields, checked (unknown fields, wrong types, missing files) before TRL's
+``TrlParser`` parses it with any command-line overrides. Shared by ``nspo_trl.train``,
+``nspo_trl.plan`` and ``nspo_trl.eval``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from nspo_trl.config import NSPOConfig
+from nspo_trl.recipe import check_paths, check_recipe_fields, load_recipe
+from nspo_trl.rewards import keyword_refusal_reward, refusal_prefix_reward, refusal_reward
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
+JUDGES = ("llama_guard", "local_guard")
+REWARD_FUNCS = {
+    "refusal": refusal_reward,
+    "refusal_prefix": refusal_prefix_reward,
+    "refusal_keyword": keyword_refusal_reward,
+}
+
+
+@dataclass
+class NSPOScriptArguments(ScriptArguments):
+    """Data, reward and model-building arguments of ``nspo_trl.train`` (on top of TRL's ``ScriptArguments``)."""
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["refusal"],
+        metadata={
+            "help": "Rewards: refusal, refusal_prefix, refusal_keyword, llama_guard, local_guard, 'module.function'."
+        },
+    )
+    judge_base_url: str = field(
+        default="http://127.0.0.1:8000/v1", metadata={"help": "llama_guard: the judge server's OpenAI API root."}
+    )
+    judge_model: str = field(
+        default="meta-llama/Llama-Guard-3-8B",
+        metadata={"help": "The judge model (served name, or path for local_guard)."},
+    )
+    judge_api_key_env: str | None = field(
+        default=None, metadata={"help": "llama_guard: name of the environment variable holding the API key."}
+    )
+    judge_timeout: float = field(default=60.0, metadata={"help": "llama_guard: seconds per request."})
+    judge_max_retries: int = field(default=3, metadata={"help": "llama_guard: retries per item before failing."})
+    judge_max_concurrency: int = field(default=32, metadata={"help": "llama_guard: requests in flight."})
+    judge_mode: str = field(
+        default="probability", metadata={"help": "local_guard: probability (−P(unsafe)) or threshold."}
+    )
+    train_fraction: float = field(
+        default=1.0, metadata={"help": "PKU-SafeRLHF: fraction of unique prompts to train on (paper: 0.4)."}
+    )
+    harmful_only: bool = field(
+        default=False, metadata={"help": "Keep only training prompts labelled harmful ('is_harmful')."}
+    )
+    preservation_dataset_name: str | None = field(
+        default=None, metadata={"help": "General-task data for the null space (Hub id, local file, nspo_trl:<name>)."}
+    )
+    preservation_dataset_config: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    preservation_dataset_split: str = field(default="train", metadata={"help": "Its split."})
+    preservation_prompt_column: str | None = field(
+        default=None, metadata={"help": "Map this prompt column (and the response column) to conversations."}
+    )
+    preservation_response_column: str | None = field(default=None, metadata={"help": "Its response column."})
+    preservation_input_column: str | None = field(
+        default=None, metadata={"help": "Optional extra input column appended to the prompt (Alpaca's 'input')."}
+    )
+    generate_preservation_responses: bool = field(
+        default=False, metadata={"help": "Answer the preservation prompts with the reference model (greedy)."}
+    )
+    preservation_max_new_tokens: int = field(default=256, metadata={"help": "Length of generated responses."})
+    heldout_harmful_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Summary: refusal rate before/after training on these prompts (e.g. nspo_trl:harmbench)."},
+    )
+    heldout_harmful_split: str = field(default="test", metadata={"help": "Its split (never trained on)."})
+    heldout_general_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Summary: drift KL on these general prompts (e.g. nspo_trl:general_prompts)."},
+    )
+    heldout_max_new_tokens: int = field(default=16, metadata={"help": "Summary: tokens per greedy answer."})
+    build_tiny_model: bool = field(
+        default=False,
+        metadata={"help": "Build a tiny random Qwen2 model + tokenizer at model_name_or_path if none is there."},
+    )
+    tiny_hidden_size: int = field(default=256, metadata={"help": "Hidden size of the tiny model."})
+    tiny_intermediate_size: int = field(default=512, metadata={"help": "MLP width of the tiny model."})
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Check the recipe and print the resolved config and memory figures; load and write nothing."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}; the paper uses 0.4.")
+        if self.judge_mode not in ("probability", "threshold"):
+            raise ValueError(f"judge_mode must be 'probability' or 'threshold', got {self.judge_mode!r}.")
+        if bool(self.heldout_harmful_dataset) != bool(self.heldout_general_dataset):
+            raise ValueError("heldout_general_dataset: set both held-out sets (harmful and general) or neither.")
+        if self.heldout_max_new_tokens < 1:
+            raise ValueError(f"heldout_max_new_tokens must be >= 1, got {self.heldout_max_new_tokens}.")
+        unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS and n not in JUDGES and "." not in n]
+        if unknown:
+            raise ValueError(f"reward_funcs: {unknown[0]!r} is neither one of "
+                             f"{sorted([*REWARD_FUNCS, *JUDGES])} nor 'module.function'.")  # fmt: skip
+
+
+DATACLASSES = (NSPOScriptArguments, NSPOConfig, ModelConfig)
+
+
+class RecipeParser(TrlParser):
+    """``TrlParser`` whose argument errors are one-line ``ValueError`` s instead of a usage dump."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def make_parser() -> TrlParser:
+    return RecipeParser(DATACLASSES)
+
+
+def parse(argv: list[str]) -> tuple[NSPOScriptArguments, NSPOConfig, ModelConfig]:
+    """A leading ``*.yaml`` path is the recipe (``--config``); no recipe at all means the smoke recipe.
+
+    The recipe is checked first (unknown fields, wrong types), then parsed with TRL's parser.
+    """
+    argv = list(argv)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = ["--config", argv[0], *argv[1:]]
+    if "--config" not in argv:
+        argv = ["--config", str(DEFAULT_RECIPE), *argv]
+    recipe = load_recipe(argv[argv.index("--config") + 1])
+    check_recipe_fields(recipe, DATACLASSES)
+    dry_run = any(a in ("--dry-run", "--dry_run") for a in argv) or bool(recipe.get("dry_run"))
+    simulated_cpu = dry_run and not torch.cuda.is_available() and not recipe.get("use_cpu")
+    if simulated_cpu:  # let a GPU recipe (bf16) be checked on a machine without a GPU
+        argv += ["--use_cpu", "true"]
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    if simulated_cpu:
+        training_args.use_cpu = False
+    check_paths(script_args, model_args)
+    return script_args, training_args, model_args
