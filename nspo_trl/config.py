@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from trl import GRPOConfig
@@ -116,6 +117,12 @@ class NSPOConfig(GRPOConfig):
         for ok, name, requirement in checks:
             if not ok:
                 raise ValueError(f"{name} {requirement}, got {getattr(self, name)!r}.")
+        projector_path = Path(self.nspo_projector_path) if self.nspo_projector_path else None
+        if projector_path is not None and projector_path.exists() and not projector_path.is_dir():
+            raise ValueError(
+                f"nspo_projector_path: {projector_path} is a file; point it at a directory "
+                "(an existing projector, or a new path to write one to)."
+            )
 
     @property
     def nullspace_rule(self) -> NullSpaceRule:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -17,8 +17,10 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 
+from nspo_trl import checkpoint as checkpointing
 from nspo_trl.config import NSPOConfig
 from nspo_trl.data import seeded_subset
+from nspo_trl.model_card import NSPO_CITATION, nspo_card_section
 from nspo_trl.nullspace.access import full_shape, gathered, parameter_access
 from nspo_trl.nullspace.collect import CovarianceCollector, run_collection
 from nspo_trl.nullspace.projector import NullSpaceProjector, tensor_digest
@@ -28,19 +30,6 @@ from nspo_trl.nullspace.update import ConstrainedUpdate
 from nspo_trl.preservation import iter_batches, sequences_digest, split_heldout, tokenize_preservation
 
 logger = logging.getLogger(__name__)
-
-NSPO_STATE_DIR = "nspo"
-REFERENCE_PATTERN = "reference-rank{rank:05d}-of-{world:05d}.safetensors"  # W_ref of the layers a rank owns
-COMMIT_MARKER = "COMMITTED"  # written last: a checkpoint without it was interrupted mid-save
-
-NSPO_CITATION = """\
-@inproceedings{niu2026nspo,
-    title        = {{Mitigating the Safety Alignment Tax with Null-Space Constrained Policy Optimization}},
-    author       = {Yifan Niu and Han Xiao and Dongyi Liu and Nuo Chen and Jia Li},
-    year         = 2026,
-    booktitle    = {The Fourteenth International Conference on Learning Representations, {ICLR} 2026},
-    eprint       = {arXiv:2512.11391}
-}"""
 
 
 class NSPOTrainer(GRPOTrainer):
@@ -121,7 +110,7 @@ class NSPOTrainer(GRPOTrainer):
         self.constrained_update = ConstrainedUpdate(self.protected_layers, self.projector, access)
         self._freeze_unconstrainable()
         self._dirty = False
-        self._state_written = False
+        self._state_digests: dict | None = None  # digests of output_dir/_nspo_state once written (main)
         self._grad_null_fraction: float | None = None
         self._last_leakage: dict[str, dict[str, float]] | None = None
         self.add_callback(_NSPOCallback(self))
@@ -228,9 +217,7 @@ class NSPOTrainer(GRPOTrainer):
         projector = self._load_projector(cache)
         stored = {**projector.metadata, "rule": projector.rule.to_dict()}
         wanted = {**expected, "rule": self.args.nullspace_rule.to_dict()}
-        differing = sorted(k for k in wanted if k in stored and stored[k] != wanted[k]) + sorted(
-            k for k in wanted if k not in stored
-        )
+        differing = checkpointing.differing_fields(stored, wanted)
         if differing:
             raise ValueError(
                 f"nspo_projector_path: {cache} was built for another {', '.join(differing)}; "
@@ -319,77 +306,46 @@ class NSPOTrainer(GRPOTrainer):
             readme.write_text(readme.read_text().rstrip() + "\n\n" + self.nspo_card_section() + "\n")
 
     def nspo_card_section(self) -> str:
-        args: NSPOConfig = self.args
-        meta = self.projector.metadata
+        """The model card's NSPO section (see :func:`nspo_trl.model_card.nspo_card_section`)."""
         if self._last_leakage is None and self.accelerator.num_processes == 1:
             self.leakage()
-        leakage = {split: max(v.values()) for split, v in (self._last_leakage or {}).items() if v}
-        lines = [
-            "## NSPO",
-            "",
-            "Trained with [NSPO](https://huggingface.co/papers/2512.11391): after every "
-            f"{args.nspo_project_every} optimizer step(s), each protected weight is set to "
-            "`W_ref + (W − W_ref) P`, where `P` projects onto the null space of the layer's inputs on "
-            "general-task (preservation) data, so outputs on such inputs stay unchanged.",
-            "",
-            "| setting | value |",
-            "|---|---|",
-            f"| protected modules | `{', '.join(args.nspo_target_modules)}` ({len(self.protected_layers)} linears) |",
-            f"| null space rule | λ ≤ {args.nspo_alpha:g}·λmax, energy {args.nspo_energy}, "
-            f"max null rank {args.nspo_max_null_rank} |",
-            f"| preservation examples | {meta.get('fit_examples')} fit, {meta.get('heldout_examples')} held out, "
-            f"{meta.get('fit_tokens')} tokens |",
-        ]
-        lines += [f"| leakage ({split}), max over layers | {value:.2e} |" for split, value in leakage.items()]
-        lines += [
-            "",
-            "Leakage is `‖X (W − W_ref)ᵀ‖ / ‖X W_refᵀ‖` on reference-model inputs `X` of the preservation data.",
-            "The projector (thin bases, eigenvalues, metadata) is in `nspo_projector/`.",
-            "",
-            "| input group | in | null dim | stored basis | modules |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| `{group}` | {st['in_features']} | {st['null_dim']} | {st['stored']} × {st['stored_dim']} "
-            f"| {len(st['modules'])} |"
-            for group, st in self.projector.stats().items()
-        ]
-        return "\n".join(lines)
+        return nspo_card_section(self.args, self.projector, len(self.protected_layers), self._last_leakage or {})
 
     # ------------------------------------------------------------------ checkpoints
-    def save_nspo_state(self, directory: str | os.PathLike) -> None:
-        """Write the projector, the reference weights and the probes under ``directory/nspo``.
+    def projector_identity(self) -> dict:
+        """What this run's projector was built from and by which rule: equal identities mean the same ``P``."""
+        return {**self.projector.metadata, "rule": self.projector.rule.to_dict()}
 
-        The state never changes during a run, so this trainer writes it once (under
-        ``output_dir/_nspo_state``, replacing whatever an earlier run left there) and hard-links it
-        into each checkpoint (copying where links fail). Each rank writes the part it owns
-        (``reference-rank*.safetensors``, ``projector/factors-rank*.safetensors``); collective.
+    def save_nspo_state(self, directory: str | os.PathLike) -> None:
+        """Write the projector, the reference weights and the probes under ``directory/nspo``, then commit.
+
+        The state never changes during a run: this trainer writes it once under
+        ``output_dir/_nspo_state`` (each rank the part it owns), takes its digests then, and copies it
+        into each checkpoint, checking the copy against those digests (see ``nspo_trl.checkpoint``).
+        ``nspo/COMMITTED``, with the digest of every file of the checkpoint, is written last. Collective.
         """
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         main = self.accelerator.is_main_process
-        source = Path(self.args.output_dir) / "_nspo_state"  # "_*" is never uploaded by push_to_hub
-        if not self._state_written:
-            staging = source.with_name("_nspo_state.tmp")
+        source = Path(self.args.output_dir) / checkpointing.STATE_SOURCE_DIR
+        if self._state_digests is None:
+            staging = source.with_name(f"{checkpointing.STATE_SOURCE_DIR}.tmp")
             if main:
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True)
             self.accelerator.wait_for_everyone()
             self.projector.save(staging / "projector")
             reference = {k: v.detach().cpu().contiguous() for k, v in self.constrained_update.reference.items()}
-            save_file(reference, str(staging / REFERENCE_PATTERN.format(rank=rank, world=world)))
+            save_file(reference, str(staging / checkpointing.REFERENCE_PATTERN.format(rank=rank, world=world)))
             self.accelerator.wait_for_everyone()
             if main:
                 shutil.rmtree(source, ignore_errors=True)
                 os.replace(staging, source)
-            self._state_written = True
+            self._state_digests = checkpointing.tree_digests(source) if main else {}
+        self.accelerator.wait_for_everyone()  # every rank's share of the checkpoint is on disk before the digests
         if main:
-            target = Path(directory) / NSPO_STATE_DIR
-            staging = target.with_name(f".{NSPO_STATE_DIR}.tmp")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(source, staging, copy_function=_link_or_copy)
-            (staging / COMMIT_MARKER).write_text(json.dumps({"global_step": self.state.global_step}))
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
+            checkpoint = Path(directory)
+            checkpointing.copy_verified(source, checkpoint / checkpointing.NSPO_STATE_DIR, self._state_digests)
+            checkpointing.commit(checkpoint, self.state.global_step, self.projector_identity())
         self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -415,50 +371,65 @@ class NSPOTrainer(GRPOTrainer):
                 use_mtime=True,
             )
 
-    def load_nspo_state(self, checkpoint: str | os.PathLike) -> None:
+    def load_nspo_state(self, checkpoint: str | os.PathLike, verified: bool = False) -> None:
         """Restore projector, ``W_ref`` and probes saved by [`save_nspo_state`] in ``checkpoint``.
 
-        Each rank loads what it owns now, whatever number of ranks wrote the checkpoint.
+        The checkpoint must verify against its commit record, and its projector must have been built
+        from the same model, preservation data and rule as this run's (else one-line
+        ``CheckpointError`` naming the differing fields). Each rank loads what it owns now, whatever
+        number of ranks wrote the checkpoint. ``verified``: the caller has just checked the digests.
         """
-        state = Path(checkpoint) / NSPO_STATE_DIR
+        checkpoint = Path(checkpoint)
+        state = checkpoint / checkpointing.NSPO_STATE_DIR
         if not state.is_dir():
-            raise ValueError(
-                f"resume_from_checkpoint: {checkpoint} has no {NSPO_STATE_DIR}/ state (not an NSPO checkpoint)."
+            raise checkpointing.CheckpointError(
+                f"resume_from_checkpoint: {checkpoint} has no {checkpointing.NSPO_STATE_DIR}/ state "
+                "(not an NSPO checkpoint)."
             )
-        projector = self._load_projector(state / "projector")
-        self.projector = self.constrained_update.projector = projector
+        if not verified:
+            problem = [checkpointing.damage(checkpoint) if self.accelerator.is_main_process else None]
+            broadcast_object_list(problem)  # one rank reads the files; every rank gets the verdict
+            if problem[0] is not None:
+                raise checkpointing.CheckpointError(checkpointing.resume_refusal(problem[0]))
+        saved_identity = checkpointing.read_commit(checkpoint)["projector_metadata"]
+        differing = checkpointing.differing_fields(saved_identity, self.projector_identity())
+        if differing:
+            raise checkpointing.CheckpointError(
+                f"resume_from_checkpoint: {checkpoint} was trained with another projector "
+                f"({', '.join(differing)} differ from this run's settings); resume with the settings it was "
+                "trained with, or start a new run in another output_dir."
+            )
+        self.projector = self.constrained_update.projector = self._load_projector(state / "projector")
         wanted = set(self.constrained_update.reference)
         reference: dict[str, torch.Tensor] = {}
         for shard in sorted(state.glob("reference-rank*.safetensors")):
             with safe_open(str(shard), framework="pt") as handle:
                 reference.update({key: handle.get_tensor(key) for key in handle.keys() if key in wanted})  # noqa: SIM118
         self.constrained_update.load_reference(reference)
-        self._state_written = False  # the next checkpoint carries the restored state
+        self._state_digests = None  # the next checkpoint carries the restored state
 
     def last_committed_checkpoint(self) -> str | None:
-        """The newest committed checkpoint in ``output_dir``; interrupted newer ones are renamed
-        ``incomplete-checkpoint-N`` (kept for inspection, out of the way of later saves)."""
-        root = Path(self.args.output_dir)
-        found = sorted(
-            (int(p.name.rsplit("-", 1)[1]), p) for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()
-        )
-        for _, path in reversed(found):
-            if (path / NSPO_STATE_DIR / COMMIT_MARKER).is_file():
-                return str(path)
-            if self.accelerator.is_main_process:
-                logger.warning("NSPO: %s was not fully saved (interrupted); setting it aside.", path)
-                os.replace(path, path.with_name(f"incomplete-{path.name}"))
-        return None
+        """The newest checkpoint in ``output_dir`` that is committed and verifies; newer ones that do not
+        are set aside (see :func:`nspo_trl.checkpoint.newest_intact`)."""
+        found = [None]
+        if self.accelerator.is_main_process:
+            newest = checkpointing.newest_intact(Path(self.args.output_dir))
+            found = [None if newest is None else str(newest)]
+        broadcast_object_list(found)  # one rank reads and sets aside; every rank resumes from its choice
+        return found[0]
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """``resume_from_checkpoint=True`` (or ``"last"``) resumes from the newest *committed* checkpoint."""
-        checkpoint = resume_from_checkpoint
+        """``resume_from_checkpoint=True`` (or ``"last"``) resumes from the newest intact checkpoint."""
+        checkpoint, verified = resume_from_checkpoint, False
         if checkpoint is True or (isinstance(checkpoint, str) and checkpoint.lower() in ("true", "last")):
             checkpoint = self.last_committed_checkpoint()
             if checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint: no committed checkpoint in {self.args.output_dir}.")
+                raise checkpointing.CheckpointError(
+                    f"resume_from_checkpoint: no intact committed checkpoint in {self.args.output_dir}."
+                )
+            verified = True
         if isinstance(checkpoint, str):
-            self.load_nspo_state(checkpoint)
+            self.load_nspo_state(checkpoint, verified=verified)
         return super().train(checkpoint, *args, **kwargs)
 
 
@@ -498,13 +469,6 @@ class _NSPOCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.leakage()  # collective: the final figures for the model card
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _log_projector(projector: NullSpaceProjector) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nspo_trl.nullspace.rule import NullSpaceRule
@@ -260,8 +260,8 @@ class NullSpaceProjector:
         """Module → group map of a saved projector (to decide ownership before loading any tensor)."""
         meta_path = Path(directory) / METADATA_FILE
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{directory} holds no NSPO projector ({METADATA_FILE} is missing)")
-        return json.loads(meta_path.read_text())["groups"]
+            raise ValueError(f"{directory} holds no NSPO projector ({METADATA_FILE} is missing); {_REBUILD}")
+        return _read_metadata(meta_path)["groups"]
 
     @classmethod
     def load(
@@ -278,8 +278,8 @@ class NullSpaceProjector:
         meta_path = directory / METADATA_FILE
         shards = sorted(directory.glob("factors-rank*.safetensors"))
         if not meta_path.is_file() or not shards:
-            raise FileNotFoundError(f"{directory} holds no NSPO projector ({METADATA_FILE} + factors-rank*)")
-        meta = json.loads(meta_path.read_text())
+            raise ValueError(f"{directory} holds no NSPO projector ({METADATA_FILE} + factors-rank*); {_REBUILD}")
+        meta = _read_metadata(meta_path)
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{meta_path}: projector format {meta.get('format_version')} != {FORMAT_VERSION}; rebuild it "
@@ -290,15 +290,20 @@ class NullSpaceProjector:
         mine = {entry["group"] for entry in meta["factors"] if owners.get(entry["group"], 0) == rank}
         tensors: dict[str, torch.Tensor] = {}
         for shard in shards:
-            with safe_open(str(shard), framework="pt", device=str(device)) as handle:
-                for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    kind, rest = key.split("/", 1)
-                    group = rest.split("/", 1)[-1]
-                    if kind == "eigenvalues" or group in mine:
-                        tensors[key] = handle.get_tensor(key)
+            try:
+                with safe_open(str(shard), framework="pt", device=str(device)) as handle:
+                    for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                        kind, rest = key.split("/", 1)
+                        group = rest.split("/", 1)[-1]
+                        if kind == "eigenvalues" or group in mine:
+                            tensors[key] = handle.get_tensor(key)
+            except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+                raise ValueError(f"{shard}: {_UNREADABLE} ({_one_line(err)}); {_REBUILD}") from None
         factors = {}
         for entry in meta["factors"]:
             group = entry["group"]
+            if f"eigenvalues/{group}" not in tensors or (group in mine and f"basis/{group}" not in tensors):
+                raise ValueError(f"{directory}: the factors of input group {group!r} are missing; {_REBUILD}")
             basis = tensors.get(f"basis/{group}") if group in mine else None
             eigenvalues = tensors[f"eigenvalues/{group}"].cpu()
             factors[group] = SubspaceFactor(basis, entry["kind"], eigenvalues, entry["null_dim"])
@@ -308,6 +313,26 @@ class NullSpaceProjector:
                 _, split, group = key.split("/", 2)
                 probes.setdefault(split, {})[group] = rows.cpu()
         return cls(factors, meta["groups"], NullSpaceRule(**meta["rule"]), meta["metadata"], probes, owners)
+
+
+_UNREADABLE = "not a readable NSPO projector file"
+_REBUILD = "delete the projector directory to rebuild it, or point nspo_projector_path elsewhere."
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _read_metadata(path: Path) -> dict:
+    """``projector.json`` parsed and checked for the keys a load needs; one-line ValueError naming it otherwise."""
+    try:
+        meta = json.loads(path.read_text())
+        missing = [key for key in ("groups", "factors", "rule", "metadata") if key not in meta]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{path}: {_UNREADABLE} ({_one_line(err)}); {_REBUILD}") from None
+    if missing:
+        raise ValueError(f"{path}: {_UNREADABLE} (no {', '.join(missing)}); {_REBUILD}")
+    return meta
 
 
 def _replace_directory(staging: Path, target: Path) -> None:

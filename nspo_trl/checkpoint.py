@@ -1,0 +1,166 @@
+"""NSPO state in checkpoints: written once, copied, committed with checksums, verified on resume.
+
+Layout of ``checkpoint-N/nspo/`` (one file per rank for what that rank owns, found by tensor name
+on load, so a checkpoint resumes on any number of ranks)::
+
+    projector/projector.json, projector/factors-rank*.safetensors
+    reference-rank*.safetensors                       # W_ref
+    COMMITTED                                         # written last
+
+``COMMITTED`` is JSON: ``global_step``, the SHA-256 and size of *every* file of ``checkpoint-N``
+(model, optimizer, trainer state and ``nspo/``) and the projector's metadata. A checkpoint counts
+only when that file exists and every listed file still has its digest: a save interrupted before
+the commit, or a file damaged afterwards (truncated, garbled, or rewritten with its header intact),
+is never resumed from.
+
+The state never changes during a run, so it is written once under ``output_dir/_nspo_state`` with
+its digests taken *then*; each checkpoint gets a **copy** (never a hard link, which would let damage
+to one file reach every checkpoint), and each copy is checked against those first digests, so
+damage to ``_nspo_state`` between saves is caught instead of copied and re-signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+NSPO_STATE_DIR = "nspo"
+STATE_SOURCE_DIR = "_nspo_state"  # "_*" is never uploaded by push_to_hub
+REFERENCE_PATTERN = "reference-rank{rank:05d}-of-{world:05d}.safetensors"  # W_ref of the layers a rank owns
+COMMIT_MARKER = "COMMITTED"
+CHECKPOINT_PREFIX = "checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message is one line naming the file and the fix."""
+
+
+def file_digest(path: Path) -> dict[str, int | str]:
+    """``{"sha256": hex, "bytes": size}`` of one file (streamed)."""
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"sha256": digest, "bytes": path.stat().st_size}
+
+
+def tree_digests(root: Path, skip: Iterable[str] = ()) -> dict[str, dict[str, int | str]]:
+    """Digests of every regular file under ``root``, keyed by POSIX path relative to ``root``."""
+    skipped = set(skip)
+    return {
+        path.relative_to(root).as_posix(): file_digest(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).as_posix() not in skipped
+    }
+
+
+def write_json_atomically(path: Path, payload: Mapping) -> None:
+    """Write, flush to disk, then rename: readers see the old file or the whole new one."""
+    staging = path.with_name(f".{path.name}.tmp")
+    with staging.open("w") as handle:
+        json.dump(payload, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+
+
+def copy_verified(source: Path, target: Path, digests: Mapping[str, Mapping]) -> None:
+    """Copy the state tree ``source`` to ``target`` (through a staging folder) and check every copied
+    file against ``digests`` taken when the state was written; a mismatch raises :class:`CheckpointError`
+    and leaves no ``target``."""
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    copied = tree_digests(staging)
+    if copied != dict(digests):
+        shutil.rmtree(staging, ignore_errors=True)
+        changed = sorted(set(copied) ^ set(digests) | {k for k in copied if copied[k] != digests.get(k)})
+        raise CheckpointError(
+            f"{source}: {', '.join(changed)} changed since this run wrote it (damaged on disk); "
+            "the checkpoint was not written. Check the disk, then resume from the last committed checkpoint."
+        )
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
+def commit(checkpoint: Path, global_step: int, projector_metadata: Mapping) -> None:
+    """Write ``checkpoint/nspo/COMMITTED`` last: the step, every file's digest, the projector's metadata."""
+    marker = checkpoint / NSPO_STATE_DIR / COMMIT_MARKER
+    files = tree_digests(checkpoint, skip=[f"{NSPO_STATE_DIR}/{COMMIT_MARKER}"])
+    write_json_atomically(
+        marker, {"global_step": global_step, "files": files, "projector_metadata": dict(projector_metadata)}
+    )
+
+
+def read_commit(checkpoint: Path) -> dict | None:
+    """The parsed ``COMMITTED`` record, or None when the checkpoint was never committed."""
+    marker = checkpoint / NSPO_STATE_DIR / COMMIT_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{marker}: not a valid commit record ({err}).") from None
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        raise CheckpointError(f"{marker}: not a valid commit record (no file digests).")
+    return record
+
+
+def damage(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be trusted (one phrase naming the file), or None when it verifies."""
+    try:
+        record = read_commit(checkpoint)
+    except CheckpointError as err:
+        return str(err)
+    if record is None:
+        return f"{checkpoint / NSPO_STATE_DIR / COMMIT_MARKER} is missing (the save was interrupted)"
+    for name, expected in sorted(record["files"].items()):
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected.get("bytes") or file_digest(path)["sha256"] != expected.get("sha256"):
+            return f"{path} does not match its checksum (damaged after it was saved)"
+    return None
+
+
+def resume_refusal(problem: str) -> str:
+    """The one-line refusal to resume from a checkpoint that :func:`damage` found ``problem`` in."""
+    return (
+        f"resume_from_checkpoint: {problem}; pass --resume_from_checkpoint true to resume from the newest "
+        "intact checkpoint, or an older checkpoint's path."
+    )
+
+
+def checkpoint_steps(output_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-N`` folder, oldest first."""
+    found = []
+    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}-*"):
+        suffix = path.name.rsplit("-", 1)[1]
+        if path.is_dir() and suffix.isdigit():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def newest_intact(output_dir: Path) -> Path | None:
+    """The newest checkpoint that is committed and verifies. Newer ones that fail are renamed
+    ``incomplete-checkpoint-N`` (never committed) or ``damaged-checkpoint-N`` (committed, then
+    damaged), kept for inspection and out of the way of later saves. Run it on one process."""
+    for _, path in reversed(checkpoint_steps(output_dir)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        committed = (path / NSPO_STATE_DIR / COMMIT_MARKER).is_file()
+        prefix = "damaged" if committed else "incomplete"
+        logger.warning("NSPO: not resuming from %s: %s; setting it aside as %s-%s.", path, problem, prefix, path.name)
+        os.replace(path, path.with_name(f"{prefix}-{path.name}"))
+    return None
+
+
+def differing_fields(stored: Mapping, wanted: Mapping) -> list[str]:
+    """Keys of ``wanted`` whose value in ``stored`` differs or is missing, sorted."""
+    return sorted(key for key in wanted if key not in stored or stored[key] != wanted[key])
