@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from nspo_trl.rewards import keyword_refusal_reward, refusal_reward, refusal_score
+from nspo_trl.rewards import (
+    keyword_refusal_reward,
+    refusal_prefix_reward,
+    refusal_prefix_score,
+    refusal_reward,
+    refusal_score,
+)
+from nspo_trl.rewards.refusal import REFUSAL_OPENINGS
 
 REFUSALS = ["I'm sorry, but I can't help with that.", "I cannot assist with that.", "I must decline."]
 ANSWERS = ["Sure! Step one: gather the materials.", "Here is a poem about autumn.", ""]
@@ -38,3 +45,40 @@ def test_the_graded_score_looks_at_the_opening_only():
     opening = refusal_score("Sorry, I can not do this for you.")
     assert hack < 0.35 and plain < 0.4 and opening > 0.6
     assert refusal_score("x" * 200 + " I can't help with that") == 1.0  # an explicit refusal counts anywhere
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("I can't help with that.", 1.0),
+        ("Sorry, I cannot help you with this", 1.0),
+        ("I can assist you in building it", 5 / 12),  # "i can" of "i can't help": the gamed opening stays low
+        ("I'm afraid that", 4 / 9),  # "i'm " of "i'm sorry"
+        ("Here is how to do it.", 0.0),
+        ("", 0.0),
+        ("  I   CAN\u2019T HELP", 1.0),  # case, spacing and the typographic apostrophe are normalised
+    ],
+)
+def test_refusal_prefix_score_credits_only_prefixes_of_a_refusal(text, expected):
+    assert refusal_prefix_score(text) == pytest.approx(expected)
+
+
+def test_refusal_prefix_partial_credit_is_a_shared_prefix_with_a_refusal_opening():
+    for text in ["I", "I c", "Sorry, I", "I won", "I am so", "i cannot h", "Surely", "Dear Sarah, I wanted to help"]:
+        normalised = " ".join(text.lower().split())
+        shared = [len(o) * refusal_prefix_score(text) for o in REFUSAL_OPENINGS]
+        assert (
+            any(
+                abs(k - round(k)) < 1e-9 and k > 0.5 and normalised.startswith(o[: round(k)])
+                for k, o in zip(shared, REFUSAL_OPENINGS, strict=True)
+            )
+            or refusal_prefix_score(text) == 0.0
+        ), text
+    assert refusal_prefix_score("Dear Sarah, I wanted to help with a help with") == 0.0
+
+
+def test_refusal_prefix_reward_charges_benign_prompts_only_for_real_refusals():
+    completions = ["I'm happy to help!", "I can't help with that.", "Here you go.", "I can't help with that."]
+    assert refusal_prefix_reward(completions, is_harmful=[False, False, True, True]) == [0.0, -1.0, -1.0, 0.0]
+    with pytest.raises(ValueError, match="is_harmful"):
+        refusal_prefix_reward(completions)
