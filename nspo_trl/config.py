@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,11 +92,25 @@ class NSPOConfig(GRPOConfig):
     )
 
     def __post_init__(self) -> None:
+        # checked before GRPOConfig's own arithmetic on them (a 0 there is a ZeroDivisionError)
+        for name, least in (
+            ("per_device_train_batch_size", 1),
+            ("gradient_accumulation_steps", 1),
+            ("num_generations", 2),
+        ):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value!r}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise ValueError(f"learning_rate must be a finite number >= 0, got {self.learning_rate!r}.")
         super().__post_init__()
         if isinstance(self.nspo_target_modules, str):
             self.nspo_target_modules = [self.nspo_target_modules]
-        if not self.nspo_target_modules:
-            raise ValueError(f"nspo_target_modules: empty; use one of {sorted(PRESETS)} or a regex.")
+        if not self.nspo_target_modules or not all(p.strip() for p in self.nspo_target_modules):
+            raise ValueError(
+                f"nspo_target_modules: empty pattern in {self.nspo_target_modules!r}; use one of {sorted(PRESETS)} "
+                "or a regex."
+            )
         _ = self.nullspace_rule  # validates alpha / energy / rank cap with field-named errors
         checks = [
             (self.nspo_project_every >= 0, "nspo_project_every", "must be >= 0 (0 disables the projection)"),

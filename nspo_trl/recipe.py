@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -18,16 +19,36 @@ import yaml
 from nspo_trl.data import DATA_FILE_BUILDERS
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ValueError(f"{key}: given twice (line {key_node.start_mark.line + 1}); keep one.")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(path: str | Path) -> dict:
+    """The recipe's mapping, or a one-line ``ValueError`` naming the file (and line, where there is one)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"recipe: {path} does not exist.")
     try:
-        recipe = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"recipe: {path} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
+    try:
+        recipe = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise ValueError(f"recipe: {path} is not valid YAML{line}.") from None
+    except ValueError as err:
+        raise ValueError(f"recipe: {path}: {err}") from None
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe: {path} must be a YAML mapping of field: value.")
     return recipe
@@ -49,6 +70,8 @@ def check_recipe_fields(recipe: dict, dataclass_types) -> None:
         if not _matches(value, hints[key]):
             expected = str(hints[key]).replace("typing.", "")
             raise ValueError(f"{key}: {value!r} is not a valid {expected}.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}: {value!r} is not a finite number.")
 
 
 def _matches(value, annotation) -> bool:

@@ -66,7 +66,30 @@ MALFORMED = {
     "judge mode": (lambda t: [smoke_with(t), "--judge_mode", "vote"], "judge_mode"),
     "unknown reward": (lambda t: [smoke_with(t, reward_funcs=["nope"])], "reward_funcs"),
     "missing recipe": (lambda t: [str(t / "absent.yaml")], "recipe"),
+    "duplicate key": (lambda t: [write(t, "max_steps: 2\nnspo_alpha: 1.0e-4\nmax_steps: 3\n")], "max_steps"),
+    "not utf-8": (lambda t: [write_bytes(t, b"max_steps: 2\n# caf\xe9\n")], "UTF-8"),
+    "infinite alpha": (lambda t: [write(t, "nspo_alpha: .inf\n")], "nspo_alpha"),
+    "nan learning rate": (lambda t: [write(t, "learning_rate: .nan\n")], "learning_rate"),
+    "mapping for list": (lambda t: [smoke_with(t, nspo_target_modules={"mlp": 1})], "nspo_target_modules"),
+    "empty target regex": (lambda t: [smoke_with(t, nspo_target_modules=[""])], "nspo_target_modules"),
+    "zero batch size": (lambda t: [smoke_with(t, per_device_train_batch_size=0)], "per_device_train_batch_size"),
+    "zero accumulation": (lambda t: [smoke_with(t, gradient_accumulation_steps=0)], "gradient_accumulation_steps"),
+    "zero generations": (lambda t: [smoke_with(t, num_generations=0)], "num_generations"),
+    "negative learning rate": (lambda t: [smoke_with(t, learning_rate=-1.0e-4)], "learning_rate"),
+    "projector path is a file": (lambda t: [smoke_with(t, nspo_projector_path=file_in(t))], "nspo_projector_path"),
 }
+
+
+def write_bytes(tmp_path, data: bytes) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(data)
+    return str(path)
+
+
+def file_in(tmp_path) -> str:
+    path = tmp_path / "a-file"
+    path.write_text("not a projector")
+    return str(path)
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
