@@ -24,7 +24,7 @@ from nspo_trl.model_card import NSPO_CITATION, nspo_card_section
 from nspo_trl.nullspace.access import full_shape, gathered, parameter_access
 from nspo_trl.nullspace.collect import CovarianceCollector, run_collection
 from nspo_trl.nullspace.projector import NullSpaceProjector, tensor_digest
-from nspo_trl.nullspace.sharding import assign_owners, group_costs
+from nspo_trl.nullspace.sharding import assign_owners, check_agreement, group_costs
 from nspo_trl.nullspace.targets import ProtectedLayer, resolve_protected_layers
 from nspo_trl.nullspace.update import ConstrainedUpdate
 from nspo_trl.preservation import iter_batches, sequences_digest, split_heldout, tokenize_preservation
@@ -132,7 +132,9 @@ class NSPOTrainer(GRPOTrainer):
             for layer in self.protected_layers
         )
         weight_bytes = self.protected_layers[0].linear.weight.element_size()
-        return assign_owners(group_costs(layers, weight_bytes), self.accelerator.num_processes)
+        owners = assign_owners(group_costs(layers, weight_bytes), self.accelerator.num_processes)
+        check_agreement(owners, "group owners")
+        return owners
 
     def build_projector(self, preservation_dataset: Dataset | None) -> NullSpaceProjector:
         """Collect preservation covariances at the current (reference) weights and build ``P``.

@@ -203,3 +203,24 @@ def test_resumed_anchor_comes_from_the_file_not_the_model(
         torch.testing.assert_close(anchor, saved[name], rtol=0, atol=0)
         moved += int(not torch.equal(anchor, trainer.model.get_submodule(name).weight.detach()))
     assert moved > 0  # the trained weights differ from the anchors, so the two could not be confused
+
+
+def test_older_checkpoints_are_rotated_only_after_the_new_one_is_committed(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    out = tmp_path / "out"
+    trainer = make_trainer(
+        tiny_model_dir, tokenizer, safety_prompts, preservation_small, run_args(out, max_steps=6, save_total_limit=1)
+    )
+    real = trainer.save_nspo_state
+    intact_before_commit: list[list[str]] = []
+
+    def spy(directory):
+        # the new checkpoint is on disk but not committed: an older, intact one must still be there
+        intact_before_commit.append([p.name for p in out.glob("checkpoint-*") if damage(p) is None])
+        real(directory)
+
+    trainer.save_nspo_state = spy
+    trainer.train()
+    assert intact_before_commit == [[], ["checkpoint-2"], ["checkpoint-4"]]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]

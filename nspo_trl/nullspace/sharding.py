@@ -16,7 +16,7 @@ of ranks simply reassigns.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -73,6 +73,21 @@ def all_gather_objects(obj: object) -> list[object]:
     gathered: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def check_agreement(value: object, what: str, gather: Callable[[object], list[object]] | None = None) -> None:
+    """Raise at once (instead of a collective hanging until its timeout) unless every rank holds ``value``.
+
+    Ownership is computed by every rank on its own; ranks that disagree (another model revision or
+    target list on one node, say) would wait for each other in mismatched collectives for good.
+    """
+    values = (gather or all_gather_objects)(value)
+    differing = [rank for rank, other in enumerate(values) if other != values[0]]
+    if differing:
+        raise RuntimeError(
+            f"NSPO: {what} differ between ranks (rank 0 vs ranks {differing}); every rank must load the same "
+            "model, nspo_target_modules and preservation data."
+        )
 
 
 def broadcast_tensor(

@@ -1,0 +1,130 @@
+"""Invariants that a one-line mistake would break silently: each test here fails on such a mistake.
+
+(The mutation check ``tests/mutation_check.py`` applies those mistakes and expects these to fail.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import capture_inputs, load_reference
+from test_trainer import make_trainer, nspo_args
+
+from nspo_trl.eval.drift import drift_report
+from nspo_trl.nullspace import collect
+from nspo_trl.nullspace.sharding import check_agreement
+
+
+def hand_kl(reference, model, sequences) -> float:
+    """Mean over predicted positions of Σ_v q(v) (log q(v) − log p(v)), q the reference, by plain loops."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in sequences:
+            batch = torch.tensor([ids])
+            q = reference(batch).logits[0].double().log_softmax(-1)
+            p = model(batch).logits[0].double().log_softmax(-1)
+            for t in range(len(ids) - 1):
+                total += sum(float(q[t, v].exp() * (q[t, v] - p[t, v])) for v in range(q.shape[-1]))
+                count += 1
+    return total / count
+
+
+def test_drift_kl_matches_a_hand_computed_value(tiny_model_dir, tokenizer, preservation_sequences):
+    reference = load_reference(tiny_model_dir).eval()
+    model = load_reference(tiny_model_dir).eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    sequences = preservation_sequences[:2]
+    expected = hand_kl(reference, model, sequences)
+    reverse = hand_kl(model, reference, sequences)
+    report = drift_report(model, reference, sequences, tokenizer.pad_token_id, None, progress=False)
+    assert expected > 1e-3 and abs(expected - reverse) > 1e-4 * expected  # nonzero and asymmetric: swaps show
+    assert report["kl_mean"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_trainer_accumulates_covariances_in_the_configured_dtype(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path, monkeypatch
+):
+    seen: list[torch.dtype] = []
+    real = collect.CovarianceCollector.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append(self.dtype)
+
+    monkeypatch.setattr(collect.CovarianceCollector, "__init__", spy)
+    for dtype in ("float32", "float64"):
+        seen.clear()
+        make_trainer(
+            tiny_model_dir, tokenizer, safety_prompts, preservation_small,
+            nspo_args(tmp_path / dtype, max_steps=1, nspo_covariance_dtype=dtype),
+        )  # fmt: skip
+        assert seen and set(seen) == {getattr(torch, dtype)}
+
+
+def test_heldout_probes_come_from_heldout_examples_only(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    trainer = make_trainer(
+        tiny_model_dir, tokenizer, safety_prompts, preservation_small,
+        nspo_args(tmp_path, max_steps=1, nspo_heldout_fraction=0.5, nspo_probe_tokens=4096),
+    )  # fmt: skip
+    fit, heldout = trainer.preservation_sequences["fit"], trainer.preservation_sequences["heldout"]
+    assert heldout and fit and not {tuple(s) for s in fit} & {tuple(s) for s in heldout}
+    reference = load_reference(tiny_model_dir)
+    layer = trainer.protected_layers[0].name
+    group = trainer.projector.groups[layer]
+    for split, sequences, other in (("heldout", heldout, fit), ("fit", fit, heldout)):
+        rows = trainer.projector.probes[split][group].double()
+        own = capture_inputs(reference, sequences, [layer], tokenizer.pad_token_id)[layer]
+        others = capture_inputs(reference, other, [layer], tokenizer.pad_token_id)[layer]
+        distance_own = torch.cdist(rows, own).min(-1).values
+        distance_other = torch.cdist(rows, others).min(-1).values
+        # every probe row is an input of its own split; most are no input of the other split (the shared
+        # chat-template opening gives equal rows at equal positions, so not all)
+        assert distance_own.max() < 1e-5 and (distance_other > 1e-3).float().mean() > 0.5, split
+
+
+def test_protected_biases_are_frozen_and_unchanged(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    trainer = make_trainer(
+        tiny_model_dir, tokenizer, safety_prompts, preservation_small,
+        nspo_args(tmp_path, max_steps=3, nspo_target_modules=["attention"]),
+    )  # fmt: skip
+    biased = [layer for layer in trainer.protected_layers if layer.linear.bias is not None]
+    assert biased, "the tiny Qwen2 model has q/k/v biases"
+    before = {layer.name: layer.linear.bias.detach().clone() for layer in biased}
+    assert not any(layer.linear.bias.requires_grad for layer in biased)
+    trainer.train()
+    for layer in biased:
+        assert torch.equal(layer.linear.bias.detach().cpu(), before[layer.name].cpu()), layer.name
+
+
+@pytest.mark.parametrize(
+    ("values", "agrees"),
+    [
+        ([{"a": 0, "b": 1}] * 3, True),
+        ([{"a": 0, "b": 1}, {"a": 1, "b": 1}], False),
+        ([{"a": 0}, {"a": 0, "b": 1}], False),
+    ],
+)
+def test_owner_disagreement_between_ranks_is_caught(values, agrees):
+    gather = lambda value: values  # noqa: E731  (what all_gather_object would return on each rank)
+    if agrees:
+        check_agreement(values[0], "group owners", gather)
+    else:
+        with pytest.raises(RuntimeError, match="group owners differ between ranks"):
+            check_agreement(values[0], "group owners", gather)
+
+
+def test_trainer_checks_that_ranks_agree_on_owners(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path, monkeypatch
+):
+    from nspo_trl.nullspace import sharding
+
+    monkeypatch.setattr(sharding, "all_gather_objects", lambda value: [value, {**value, "other-group": 1}])
+    with pytest.raises(RuntimeError, match="group owners differ between ranks"):
+        make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation_small, nspo_args(tmp_path, max_steps=1))
