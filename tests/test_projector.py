@@ -128,3 +128,36 @@ def test_owner_assignment_is_balanced_and_deterministic():
     assert sum(loads) == sum(costs.values())
     assert max(loads) - min(loads) <= max(costs.values())
     assert assign_owners(costs, 1) == dict.fromkeys(costs, 0)
+
+
+def _saved_projector(directory):
+    x = low_rank_activations(16, tokens=100, rank=6, seed=3)
+    NullSpaceProjector.from_covariances({"a": x.T @ x}, {"a": "a"}, NullSpaceRule(alpha=1e-4)).save(directory)
+    return directory
+
+
+def _factors(directory):
+    return next(directory.glob("factors-rank*.safetensors"))
+
+
+PROJECTOR_DAMAGE = {
+    "garbled json": (lambda d: (d / "projector.json").write_text('{"groups": {"a": '), "projector.json"),
+    "json not an object": (lambda d: (d / "projector.json").write_text("[1, 2]"), "projector.json"),
+    "json without factors": (lambda d: (d / "projector.json").write_text('{"groups": {}}'), "projector.json"),
+    "json not utf-8": (lambda d: (d / "projector.json").write_bytes(b"\xff\xfe{"), "projector.json"),
+    "json missing": (lambda d: (d / "projector.json").unlink(), "projector.json"),
+    "factors truncated": (lambda d: _factors(d).write_bytes(_factors(d).read_bytes()[:40]), "factors-rank"),
+    "factors garbage": (lambda d: _factors(d).write_bytes(b"\x00" * 64), "factors-rank"),
+    "factors missing": (lambda d: _factors(d).unlink(), "factors-rank"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROJECTOR_DAMAGE))
+def test_unreadable_projector_is_one_line_naming_the_file(tmp_path, case):
+    damage, named = PROJECTOR_DAMAGE[case]
+    directory = _saved_projector(tmp_path / "proj")
+    damage(directory)
+    with pytest.raises(ValueError) as info:
+        NullSpaceProjector.load(directory)
+    message = str(info.value)
+    assert named in message and str(directory) in message and "\n" not in message, message
