@@ -42,9 +42,10 @@ class NSPOTrainer(GRPOTrainer):
     so everything downstream sees projected weights.
 
     Args:
-        model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs:
-            as for [`~trl.GRPOTrainer`]; ``args`` must be an [`NSPOConfig`].
-        preservation_dataset ([`~datasets.Dataset`]):
+        model, reward_funcs, args, train_dataset, eval_dataset, processing_class, *grpo_args, **kwargs:
+            as for [`~trl.GRPOTrainer`], in its positional order (``reward_processing_classes``,
+            ``callbacks``, ``optimizers``, … follow ``processing_class``); ``args`` must be an [`NSPOConfig`].
+        preservation_dataset ([`~datasets.Dataset`], keyword-only):
             General-task examples whose behaviour must not move (layouts: see `nspo_trl.preservation`).
             Optional only when ``args.nspo_projector_path`` points at an existing projector.
 
@@ -68,6 +69,7 @@ class NSPOTrainer(GRPOTrainer):
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
+        *grpo_args,
         preservation_dataset: Dataset | None = None,
         **kwargs,
     ) -> None:
@@ -84,13 +86,7 @@ class NSPOTrainer(GRPOTrainer):
                 "preservation_dataset: required (general-task examples) unless nspo_projector_path exists."
             )
         super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
+            model, reward_funcs, args, train_dataset, eval_dataset, processing_class, *grpo_args, **kwargs
         )
         if self.is_fsdp_enabled:
             raise NotImplementedError(

@@ -128,3 +128,33 @@ def test_trainer_checks_that_ranks_agree_on_owners(
     monkeypatch.setattr(sharding, "all_gather_objects", lambda value: [value, {**value, "other-group": 1}])
     with pytest.raises(RuntimeError, match="group owners differ between ranks"):
         make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation_small, nspo_args(tmp_path, max_steps=1))
+
+
+def test_grpo_positional_order_is_kept_and_preservation_data_is_keyword_only(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    from transformers import TrainerCallback
+
+    from nspo_trl import NSPOTrainer
+    from nspo_trl.rewards import refusal_reward
+
+    class Marker(TrainerCallback):
+        pass
+
+    args = nspo_args(tmp_path, max_steps=1)
+    # GRPOTrainer's positions: ..., processing_class, reward_processing_classes, callbacks
+    trainer = NSPOTrainer(
+        tiny_model_dir, refusal_reward, args, safety_prompts, None, tokenizer, None, [Marker()],
+        preservation_dataset=preservation_small,
+    )  # fmt: skip
+    assert any(isinstance(cb, Marker) for cb in trainer.callback_handler.callbacks)
+    # in GRPOTrainer's reward_processing_classes slot it is not taken for preservation data
+    with pytest.raises(ValueError, match="preservation_dataset: required"):
+        NSPOTrainer(tiny_model_dir, refusal_reward, args, safety_prompts, None, tokenizer, preservation_small)
+
+
+def test_nullspace_exports_its_public_api():
+    import nspo_trl.nullspace as nullspace
+
+    for name in nullspace.__all__:
+        assert getattr(nullspace, name).__module__.startswith("nspo_trl.nullspace."), name
