@@ -21,6 +21,7 @@ MODEL = "meta-llama/Llama-Guard-3-8B"
 class GuardServer:
     def __init__(self, slow_seconds: float = 1.0, hold_seconds: float = 0.0) -> None:
         self.slow_seconds, self.hold_seconds = slow_seconds, hold_seconds
+        self.models_reply: dict | str = {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
         self.requests: Counter[str] = Counter()
         self.payloads: list[dict] = []
         self.in_flight = self.peak_in_flight = 0
@@ -42,7 +43,7 @@ class GuardServer:
 
             def do_GET(self):
                 if self.path.endswith("/models"):
-                    self._send(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+                    self._send(200, server.models_reply)
                 else:
                     self._send(404, {"error": "not found"})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 
 import pytest
@@ -81,6 +82,20 @@ def test_unreachable_or_wrong_judge_fails_at_start():
         LlamaGuardReward(f"http://127.0.0.1:{free_port}/v1", MODEL, timeout=1.0)
     with GuardServer() as server, pytest.raises(JudgeError, match="not 'other/model'"):
         LlamaGuardReward(server.base_url, "other/model")
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [{"data": None}, {"data": "x"}, {}, [MODEL], {"data": [{"name": MODEL}]}, {"data": [MODEL]}, None, 7],
+)
+def test_a_models_reply_without_a_model_list_fails_at_start_in_one_line(reply):
+    with GuardServer() as server:
+        server.models_reply = (
+            reply if isinstance(reply, dict) else json.dumps(reply) if isinstance(reply, list) else reply
+        )
+        with pytest.raises(JudgeError) as info:
+            judge(server)
+        assert "/models gave no model list" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_parse_verdict_is_strict():

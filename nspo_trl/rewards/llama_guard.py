@@ -79,9 +79,17 @@ class LlamaGuardReward:
         request = urllib.request.Request(f"{self.base_url}/models", headers=self.headers)
         try:
             with urllib.request.urlopen(request, timeout=min(self.timeout, 10.0)) as response:
-                served = [entry["id"] for entry in json.load(response).get("data", [])]
-        except (urllib.error.URLError, OSError, ValueError, KeyError) as err:
+                payload = json.load(response)
+        except (urllib.error.URLError, OSError, ValueError) as err:
             raise JudgeError(f"LlamaGuardReward: no judge answers at {self.base_url} ({err}); {SERVE_HINT}.") from None
+        entries = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "id" in e for e in entries):
+            reply = " ".join(json.dumps(payload).split())[:80]
+            raise JudgeError(
+                f"LlamaGuardReward: {self.base_url}/models gave no model list ({reply}); point judge_base_url at "
+                f"an OpenAI-compatible server's /v1 root ({SERVE_HINT})."
+            )
+        served = [entry["id"] for entry in entries]
         if self.model not in served:
             raise JudgeError(f"LlamaGuardReward: {self.base_url} serves {served}, not {self.model!r}.")
 
