@@ -90,9 +90,7 @@ def test_unreachable_or_wrong_judge_fails_at_start():
 )
 def test_a_models_reply_without_a_model_list_fails_at_start_in_one_line(reply):
     with GuardServer() as server:
-        server.models_reply = (
-            reply if isinstance(reply, dict) else json.dumps(reply) if isinstance(reply, list) else reply
-        )
+        server.models_reply = json.dumps(reply)
         with pytest.raises(JudgeError) as info:
             judge(server)
         assert "/models gave no model list" in str(info.value) and "\n" not in str(info.value)
