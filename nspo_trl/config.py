@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,7 @@ class NSPOConfig(GRPOConfig):
             value = getattr(self, name)
             if value is not None and value < least:
                 raise ValueError(f"{name} must be >= {least}, got {value!r}.")
+        _check_output_dir(self.output_dir)
         if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
             raise ValueError(f"learning_rate must be a finite number >= 0, got {self.learning_rate!r}.")
         super().__post_init__()
@@ -151,3 +153,18 @@ class NSPOConfig(GRPOConfig):
     def freezes_non_targets(self) -> bool:
         """The ``full`` preset freezes every parameter that is not a protected weight."""
         return "full" in self.nspo_target_modules
+
+
+def _check_output_dir(output_dir: str | None) -> None:
+    """``output_dir`` must be creatable and writable: its nearest existing ancestor is a writable directory."""
+    if output_dir is None:
+        return  # transformers picks its default
+    if not str(output_dir).strip():
+        raise ValueError("output_dir: empty; name a directory to write checkpoints and the model to.")
+    existing = Path(output_dir).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"output_dir: {output_dir} lies under {existing}, which is a file; choose another directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir: {existing} is not writable; choose a directory you can write to.")

@@ -319,9 +319,27 @@ def cli(argv: list[str] | None = None) -> int:
         else:
             main(script_args, training_args, model_args)
     except (ValueError, JudgeError, NotImplementedError) as err:  # bad settings, no judge, unsupported launch
-        print(f"nspo_trl.train: error: {err}", file=sys.stderr)
+        fail(f"error: {err}")
         return 2
+    except OSError as err:  # the disk filled up, a file vanished, ...: committed checkpoints stay usable
+        where = f"{err.filename}: " if err.filename else ""
+        fail(f"error: {where}{err.strerror or err}; checkpoints committed before this stay usable "
+             "(--resume_from_checkpoint true).")  # fmt: skip
+        return 1
+    except KeyboardInterrupt:
+        fail("interrupted; resume from the last committed checkpoint with --resume_from_checkpoint true.")
+        return 130
     return 0
+
+
+def fail(message: str) -> None:
+    """Print ``nspo_trl.train: <message>`` on a line of its own, after closing any open progress bar."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()  # a bar left open would have the message glued to its last \r-line
+    sys.stderr.flush()
+    print(f"nspo_trl.train: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

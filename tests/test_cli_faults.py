@@ -1,0 +1,84 @@
+"""Faults around a training run: each ends in one line on a fresh line, a non-zero exit, and nothing lost."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from test_train_cli import REPO, smoke_args
+from tqdm import tqdm
+
+from nspo_trl import checkpoint as checkpointing
+from nspo_trl import train
+from nspo_trl.checkpoint import damage
+from nspo_trl.train import cli
+
+
+def last_line(capsys) -> str:
+    lines = capsys.readouterr().err.splitlines()
+    assert lines, "nothing on stderr"
+    return lines[-1]
+
+
+@pytest.mark.parametrize("where", ["under a file", "empty"])
+def test_unusable_output_dir_is_one_line_and_nothing_is_written(where, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    output_dir = str(blocker / "out") if where == "under a file" else " "
+    args = smoke_args(tmp_path)
+    args[args.index("--output_dir") + 1] = output_dir
+    assert cli(args) == 2
+    line = last_line(capsys)
+    assert line.startswith("nspo_trl.train: error: output_dir:"), line
+    assert not (tmp_path / "tiny").exists()  # rejected before the tiny model was even built
+
+
+def test_disk_full_during_a_save_keeps_the_committed_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    real, calls = checkpointing.copy_verified, []
+
+    def fill_disk_on_second_save(source, target, digests):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        real(source, target, digests)
+
+    monkeypatch.setattr(checkpointing, "copy_verified", fill_disk_on_second_save)
+    assert cli(smoke_args(tmp_path)) == 1
+    line = last_line(capsys)
+    assert line.startswith("nspo_trl.train: error:") and "No space left on device" in line and str(calls[1]) in line
+    out = tmp_path / "out"
+    assert damage(out / "checkpoint-3") is None  # the first checkpoint is intact and committed
+    assert damage(out / "checkpoint-6") is not None  # the failed one never counts
+    monkeypatch.setattr(checkpointing, "copy_verified", real)
+    assert cli([*smoke_args(tmp_path), "--resume_from_checkpoint", "true"]) == 0
+    assert (out / "incomplete-checkpoint-6").is_dir() and damage(out / "checkpoint-6") is None
+
+
+def test_interrupt_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "main", interrupted)
+    assert cli(smoke_args(tmp_path)) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("nspo_trl.train: interrupted;")
+
+
+def test_an_error_under_an_open_progress_bar_starts_its_own_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+
+    def fails_mid_bar(*args, **kwargs):
+        bar = tqdm(total=10, desc="NSPO covariances")
+        bar.update(3)
+        raise ValueError("preservation_dataset: broken row 7")
+
+    monkeypatch.setattr(train, "main", fails_mid_bar)
+    assert cli(smoke_args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("nspo_trl.train: error: preservation_dataset: broken row 7\n")
+    assert "\nnspo_trl.train: error:" in err  # a line of its own, not glued to the bar's last \r-line
+    assert not tqdm._instances  # the bar was closed
