@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from nspo_trl.generation import as_conversations, generate_responses
 
@@ -88,16 +89,51 @@ def _named_sets() -> dict[str, Callable[[str], Dataset]]:
     }
 
 
-def load_named_dataset(name: str, split: str = "train", config: str | None = None) -> Dataset:
-    """Load ``name`` (bundled, named real set, local file or Hub id) and return ``split``."""
+def load_named_dataset(
+    name: str, split: str = "train", config: str | None = None, field: str = "dataset_name"
+) -> Dataset:
+    """Load ``name`` (bundled, named real set, local file or Hub id) and return ``split``.
+
+    A set that cannot be read (missing, not UTF-8, malformed JSON, no data files, unknown split) or
+    holds no rows is a one-line ``ValueError`` naming ``field`` (the recipe field it came from).
+    """
+    try:
+        dataset = _load(name, split, config)
+    except (OSError, ValueError, KeyError, StopIteration, DatasetGenerationError) as err:
+        cause = (
+            err if isinstance(err, ValueError) and err.__cause__ is None else err.__cause__ or err.__context__ or err
+        )
+        reason = " ".join(str(cause).split())[:200] or type(cause).__name__
+        raise ValueError(f"{field}: {name} could not be loaded ({reason}).") from None
+    if len(dataset) == 0:
+        raise ValueError(f"{field}: {name} holds no rows.")
+    return dataset
+
+
+def _load(name: str, split: str, config: str | None) -> Dataset:
     if name.startswith(BUNDLED_PREFIX):
         key = name.removeprefix(BUNDLED_PREFIX)
         named = _named_sets()
         return named[key](split) if key in named else _bundled(key)
-    builder = DATA_FILE_BUILDERS.get(Path(name).suffix)
-    if builder is not None and Path(name).is_file():
+    path = Path(name)
+    builder = DATA_FILE_BUILDERS.get(path.suffix)
+    if builder is not None and path.is_file():
+        if path.stat().st_size == 0:
+            raise ValueError("an empty file")
+        if builder != "parquet":
+            _check_utf8(path)  # pyarrow would accept bad bytes and fail later, on first read of the row
         return load_dataset(builder, data_files=name, split="train")
+    if path.is_dir() and not any(p.suffix in DATA_FILE_BUILDERS for p in path.rglob("*") if p.is_file()):
+        raise ValueError(f"a directory without data files ({', '.join(DATA_FILE_BUILDERS)})")
     return load_dataset(name, config, split=split)
+
+
+def _check_utf8(path: Path) -> None:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(f"not UTF-8 text (line {line}); save it as UTF-8") from None
 
 
 def is_pku_saferlhf(dataset: Dataset) -> bool:

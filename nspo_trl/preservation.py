@@ -23,8 +23,48 @@ from datasets import Dataset
 SUPPORTED_LAYOUTS = "'messages', 'prompt'+'completion', 'prompt'+'response', 'text' or 'prompt'"
 
 
+def _is_conversation(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    )
+
+
+def layout_problem(example: dict[str, Any]) -> str | None:
+    """Why ``example`` fits none of the supported layouts (None when it fits one)."""
+    if "messages" in example and example["messages"] is not None:
+        return None if _is_conversation(example["messages"]) else "'messages' is not a list of {role, content} turns"
+    prompt = example.get("prompt")
+    answer = example.get("completion", example.get("response"))
+    if prompt is not None:
+        if not (isinstance(prompt, str) or _is_conversation(prompt)):
+            return "'prompt' is neither text nor a list of {role, content} turns"
+        if answer is not None and not (isinstance(answer, str) or _is_conversation(answer)):
+            return "'completion'/'response' is neither text nor a list of {role, content} turns"
+        return None
+    if isinstance(example.get("text"), str):
+        return None
+    return f"none of {SUPPORTED_LAYOUTS} (keys: {sorted(example)})"
+
+
+def check_layout(dataset: Dataset, field: str = "preservation_dataset") -> None:
+    """One-line ``ValueError`` naming ``field`` and the first bad row, before anything is tokenized."""
+    if dataset is None or len(dataset) == 0:
+        raise ValueError(f"{field}: empty; NSPO needs general-task examples to build its null space.")
+    for index, example in enumerate(dataset):
+        problem = layout_problem(example)
+        if problem is not None:
+            raise ValueError(f"{field}: row {index}: {problem}.")
+
+
 def example_to_text(example: dict[str, Any], tokenizer) -> str:
     """Render one preservation example as the text the model reads."""
+    problem = layout_problem(example)
+    if problem is not None:
+        raise ValueError(f"preservation_dataset: {problem}.")
     if example.get("messages"):
         return tokenizer.apply_chat_template(example["messages"], tokenize=False)
     prompt = example.get("prompt")
@@ -38,13 +78,12 @@ def example_to_text(example: dict[str, Any], tokenizer) -> str:
         return prompt + (answer if isinstance(answer, str) else "")
     if isinstance(example.get("text"), str):
         return example["text"]
-    raise ValueError(f"preservation_dataset: example has none of {SUPPORTED_LAYOUTS} (keys: {sorted(example)}).")
+    raise AssertionError("unreachable: layout_problem accepted the example")
 
 
 def tokenize_preservation(dataset: Dataset, tokenizer, max_length: int) -> list[list[int]]:
     """Token ids of every example, truncated to ``max_length``; empty examples are dropped."""
-    if dataset is None or len(dataset) == 0:
-        raise ValueError("preservation_dataset: empty; NSPO needs general-task examples to build its null space.")
+    check_layout(dataset)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
     sequences = []
     for example in dataset:

@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, get_peft_config
+from trl.import_utils import is_vllm_available
 
 from nspo_trl.arguments import JUDGES, REWARD_FUNCS, NSPOScriptArguments, parse
 from nspo_trl.config import NSPOConfig
@@ -40,6 +41,7 @@ from nspo_trl.data import (
 from nspo_trl.eval.tax import HeldoutSummary
 from nspo_trl.model_source import cache_dir, resolve_model_path
 from nspo_trl.plan import print_plan
+from nspo_trl.preservation import check_layout
 from nspo_trl.rewards import (
     JudgeError,
     LlamaGuardReward,
@@ -85,6 +87,16 @@ def resolve_reward(name: str, script_args: NSPOScriptArguments):
 def load_training_prompts(script_args: NSPOScriptArguments, seed: int):
     """Training prompts; PKU-SafeRLHF is recognised by its columns and reduced to unique prompts."""
     dataset = load_named_dataset(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    if "prompt" not in dataset.column_names:
+        raise ValueError(
+            f"dataset_name: {script_args.dataset_name} has no 'prompt' column (columns: {dataset.column_names}); "
+            "name the column of prompts 'prompt'."
+        )
+    rule_based = [name for name in script_args.reward_funcs if name in REWARD_FUNCS]
+    if rule_based and not is_pku_saferlhf(dataset) and "is_harmful" not in dataset.column_names:
+        raise ValueError(
+            f"reward_funcs: {rule_based[0]} needs an 'is_harmful' column, which {script_args.dataset_name} lacks."
+        )
     if is_pku_saferlhf(dataset):
         return pku_saferlhf_prompts(dataset, script_args.train_fraction, seed, script_args.harmful_only)
     if script_args.train_fraction != 1.0:
@@ -107,6 +119,7 @@ def load_preservation(script_args: NSPOScriptArguments, training_args: NSPOConfi
         script_args.preservation_dataset_name,
         script_args.preservation_dataset_split,
         script_args.preservation_dataset_config,
+        field="preservation_dataset_name",
     )
     if script_args.generate_preservation_responses:
         column = script_args.preservation_prompt_column or "prompt"
@@ -214,9 +227,25 @@ def prepare_model(script_args: NSPOScriptArguments, training_args: NSPOConfig, m
                     intermediate_size=script_args.tiny_intermediate_size,
                     seed=training_args.seed,
                 )
-        return model_path
-    with training_args.main_process_first(desc="resolve model"):
-        return resolve_model_path(model_path)
+    else:
+        with training_args.main_process_first(desc="resolve model"):
+            model_path = resolve_model_path(model_path)
+    check_model_config(model_path)
+    return model_path
+
+
+def check_model_config(model_path: str) -> None:
+    """A local model folder's ``config.json`` must parse: a one-line error naming it, not a loader traceback."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return  # a Hub id that the loaders resolve themselves
+    try:
+        AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split())[:160]
+        raise ValueError(
+            f"model_name_or_path: {config} cannot be read ({reason}); restore or re-download it."
+        ) from None
 
 
 def build_trainer(
@@ -227,6 +256,9 @@ def build_trainer(
         raise ValueError("dataset_name: required (prompts to train on).")
     if not script_args.preservation_dataset_name:
         raise ValueError("preservation_dataset_name: required (general-task data whose behaviour NSPO preserves).")
+    if training_args.use_vllm and not is_vllm_available():
+        raise ValueError("use_vllm: vLLM is not installed; pip install 'nspo_trl[vllm]', or set use_vllm: false.")
+    train_dataset = load_training_prompts(script_args, training_args.seed)  # checked before anything is built
     model_path = prepare_model(script_args, training_args, model_args)
     model_init_kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
     if model_args.attn_implementation:
@@ -234,8 +266,8 @@ def build_trainer(
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
-    train_dataset = load_training_prompts(script_args, training_args.seed)
     preservation = load_preservation(script_args, training_args, model_path)
+    check_layout(preservation, "preservation_dataset_name")  # every row, before the trainer writes anything
     return NSPOTrainer(
         model=model_path,
         reward_funcs=[resolve_reward(name, script_args) for name in script_args.reward_funcs],

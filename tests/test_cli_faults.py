@@ -7,6 +7,7 @@ import errno
 import pytest
 from test_train_cli import REPO, smoke_args
 from tqdm import tqdm
+from trl.import_utils import is_vllm_available
 
 from nspo_trl import checkpoint as checkpointing
 from nspo_trl import train
@@ -82,3 +83,90 @@ def test_an_error_under_an_open_progress_bar_starts_its_own_line(tmp_path, monke
     assert err.endswith("nspo_trl.train: error: preservation_dataset: broken row 7\n")
     assert "\nnspo_trl.train: error:" in err  # a line of its own, not glued to the bar's last \r-line
     assert not tqdm._instances  # the bar was closed
+
+
+def write_file(tmp_path, name: str, data: bytes) -> str:
+    path = tmp_path / "data" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+def empty_dir(tmp_path) -> str:
+    path = tmp_path / "data" / "a-directory"
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("no data here")
+    return str(path)
+
+
+def corrupt_model(tmp_path) -> str:
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "config.json").write_text('{"model_type": ')
+    return str(path)
+
+
+ROW = b'{"prompt": [{"role": "user", "content": "hi"}], "is_harmful": true}\n'
+BAD_INPUT = {
+    "prompts not utf-8": (
+        lambda t: ["--dataset_name", write_file(t, "p.jsonl", ROW + b'{"prompt": "caf\xe9"}\n')],
+        "dataset_name",
+    ),
+    "prompts empty file": (lambda t: ["--dataset_name", write_file(t, "p.jsonl", b"")], "dataset_name"),
+    "prompts corrupt json": (
+        lambda t: ["--dataset_name", write_file(t, "p.jsonl", b'{"prompt": [\n')],
+        "dataset_name",
+    ),
+    "prompts directory without data": (lambda t: ["--dataset_name", empty_dir(t)], "dataset_name"),
+    "prompts without prompt column": (
+        lambda t: ["--dataset_name", write_file(t, "p.jsonl", b'{"question": "hi", "is_harmful": true}\n')],
+        "dataset_name",
+    ),
+    "prompts without is_harmful for a rule reward": (
+        lambda t: ["--dataset_name", write_file(t, "p.jsonl", b'{"prompt": "hi"}\n')],
+        "reward_funcs",
+    ),
+    "preservation not utf-8": (
+        lambda t: ["--preservation_dataset_name", write_file(t, "k.jsonl", b'{"text": "caf\xe9"}\n')],
+        "preservation_dataset_name",
+    ),
+    "preservation empty csv": (
+        lambda t: ["--preservation_dataset_name", write_file(t, "k.csv", b"")],
+        "preservation_dataset_name",
+    ),
+    "messages as a string": (
+        lambda t: ["--preservation_dataset_name", write_file(t, "k.jsonl", b'{"messages": "hello"}\n')],
+        "preservation_dataset_name",
+    ),
+    "messages as a list of strings": (
+        lambda t: ["--preservation_dataset_name", write_file(t, "k.jsonl", b'{"messages": ["a", "b"]}\n')],
+        "preservation_dataset_name",
+    ),
+    "preservation prompt as a number": (
+        lambda t: ["--preservation_dataset_name", write_file(t, "k.jsonl", b'{"prompt": 7}\n')],
+        "preservation_dataset_name",
+    ),
+    "preservation without a known layout": (
+        lambda t: ["--preservation_dataset_name", write_file(t, "k.jsonl", b'{"question": "q"}\n')],
+        "preservation_dataset_name",
+    ),
+    "corrupt model config": (
+        lambda t: ["--model_name_or_path", corrupt_model(t), "--build_tiny_model", "false"],
+        "model_name_or_path",
+    ),
+    "use_vllm without vllm": (lambda t: ["--use_vllm", "true"], "use_vllm"),
+    "unimportable reward": (lambda t: ["--reward_funcs", "no_such_module.reward"], "reward_funcs"),
+    "zero judge timeout": (lambda t: ["--reward_funcs", "llama_guard", "--judge_timeout", "0"], "timeout"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_is_one_line_naming_the_field_and_nothing_is_written(case, tmp_path, monkeypatch, capsys):
+    if case == "use_vllm without vllm" and is_vllm_available():
+        pytest.skip("vLLM is installed here; the case needs it absent")
+    monkeypatch.chdir(REPO)
+    make_args, field = BAD_INPUT[case]
+    assert cli([*smoke_args(tmp_path), *make_args(tmp_path)]) == 2
+    line = last_line(capsys)
+    assert line.startswith("nspo_trl.train: error:") and field in line, line
+    assert not (tmp_path / "out").exists()
