@@ -88,6 +88,13 @@ class NSPOConfig(GRPOConfig):
     nspo_covariance_dtype: str = field(
         default="float64", metadata={"help": "Covariance accumulation dtype.", "choices": ["float64", "float32"]}
     )
+    nspo_build_memory_gb: float = field(
+        default=8.0,
+        metadata={
+            "help": "Covariance memory per process while building the projector (GiB): groups are collected "
+            "in as many passes over the preservation data as this needs."
+        },
+    )
     nspo_projector_path: str | None = field(
         default=None, metadata={"help": "Projector cache directory (loaded if present, else written)."}
     )
@@ -120,6 +127,11 @@ class NSPOConfig(GRPOConfig):
             (self.nspo_preservation_batch_size >= 1, "nspo_preservation_batch_size", "must be >= 1"),
             (0.0 <= self.nspo_heldout_fraction < 1.0, "nspo_heldout_fraction", "must lie in [0, 1)"),
             (self.nspo_probe_tokens >= 1, "nspo_probe_tokens", "must be >= 1"),
+            (
+                math.isfinite(self.nspo_build_memory_gb) and self.nspo_build_memory_gb > 0,
+                "nspo_build_memory_gb",
+                "must be a finite number > 0",
+            ),
             (
                 self.nspo_num_preservation_samples is None or self.nspo_num_preservation_samples >= 1,
                 "nspo_num_preservation_samples",

@@ -13,6 +13,7 @@ from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
@@ -22,8 +23,8 @@ from nspo_trl.config import NSPOConfig
 from nspo_trl.data import seeded_subset
 from nspo_trl.model_card import NSPO_CITATION, nspo_card_section
 from nspo_trl.nullspace.access import full_shape, gathered, parameter_access
-from nspo_trl.nullspace.collect import CovarianceCollector, run_collection
-from nspo_trl.nullspace.projector import NullSpaceProjector, tensor_digest
+from nspo_trl.nullspace.collect import CovarianceCollector, covariance_chunks, run_collection
+from nspo_trl.nullspace.projector import NullSpaceProjector, SubspaceFactor, tensor_digest
 from nspo_trl.nullspace.sharding import assign_owners, check_agreement, group_costs
 from nspo_trl.nullspace.targets import ProtectedLayer, resolve_protected_layers
 from nspo_trl.nullspace.update import ConstrainedUpdate
@@ -168,38 +169,53 @@ class NSPOTrainer(GRPOTrainer):
             return self._load_cached_projector(cache, metadata)
 
         modules = {layer.name: layer.linear for layer in self.protected_layers}
-        fit_stats = self._collect(modules, fit, covariance=True, description="NSPO covariances")
-        owners = self.group_owners(fit_stats.groups)
-        fit_stats.reduce_to_owners(owners)
-        probes = {"fit": fit_stats.samples}
+        # which layers read the same input: learned from one batch, before any covariance is held
+        groups = self._collect(modules, fit[:1], covariance=False, description="NSPO input groups").groups
+        owners = self.group_owners(groups)
+        widths = {group: full_shape(modules[group].weight)[1] for group in dict.fromkeys(groups.values())}
+        element = torch.finfo(args.covariance_torch_dtype).bits // 8
+        passes = covariance_chunks(widths, element, int(args.nspo_build_memory_gb * 2**30))
+        local, fit_samples, fit_tokens = {}, {}, 0
+        for index, chunk in enumerate(passes):
+            description = "NSPO covariances" + (f", pass {index + 1}/{len(passes)}" if len(passes) > 1 else "")
+            stats = self._collect(modules, fit, covariance=True, description=description, groups=groups, only=chunk)
+            stats.reduce_to_owners(owners)
+            # decompose on the owner at once, so a rank never holds more than one pass of covariances
+            owned = list(stats.covariances)
+            for group in tqdm(owned, desc="NSPO eigendecompositions", disable=not self.accelerator.is_main_process):
+                local[group] = SubspaceFactor.from_covariance(stats.covariances.pop(group), args.nullspace_rule)
+            fit_samples.update(stats.samples)
+            fit_tokens = max(fit_tokens, *stats.token_counts.values())
+        probes = {"fit": fit_samples}
         if heldout:
-            heldout_stats = self._collect(modules, heldout, covariance=False, description="NSPO held-out probes")
+            heldout_stats = self._collect(
+                modules, heldout, covariance=False, description="NSPO held-out probes", groups=groups
+            )
             heldout_stats.reduce_to_owners(owners)
             probes["heldout"] = heldout_stats.samples
-        metadata["fit_tokens"] = max(fit_stats.token_counts.values())
-        projector = NullSpaceProjector.from_covariances(
-            fit_stats.covariances,
-            fit_stats.groups,
-            args.nullspace_rule,
-            metadata=metadata,
-            probes=probes,
-            progress=self.accelerator.is_main_process,
-            owners=owners,
+        metadata["fit_tokens"] = fit_tokens
+        projector = NullSpaceProjector.from_local_factors(
+            local, groups, args.nullspace_rule, metadata=metadata, probes=probes, owners=owners
         )
         if cache is not None:
             projector.save(cache)
         return projector
 
-    def _collect(self, modules, sequences, covariance: bool, description: str) -> CovarianceCollector:
+    def _collect(
+        self, modules, sequences, covariance: bool, description: str, groups=None, only=None
+    ) -> CovarianceCollector:
+        """One pass of the reference model over this rank's share of ``sequences`` (see ``CovarianceCollector``)."""
         args: NSPOConfig = self.args
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         shard = sequences[rank::world] or sequences[:1]
         collector = CovarianceCollector(
             modules,
             dtype=args.covariance_torch_dtype,
-            sample_tokens=args.nspo_probe_tokens,
+            sample_tokens=args.nspo_probe_tokens if groups is not None else 0,
             seed=args.seed,
             accumulate_covariance=covariance,
+            groups=groups,
+            only=only,
         )
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         batches = iter_batches(shard, args.nspo_preservation_batch_size, tokenizer.pad_token_id)

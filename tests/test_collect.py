@@ -128,3 +128,21 @@ def test_missing_mask_and_unused_layer_are_errors():
     unused = nn.Linear(2, 2)
     with pytest.raises(RuntimeError, match="never ran"):
         run_collection(model, batches(), CovarianceCollector({"a": model.a, "unused": unused}))
+
+
+def test_covariance_chunks_respect_the_budget_and_cover_every_group_once():
+    from nspo_trl.nullspace.collect import covariance_chunks
+
+    widths = {f"layers.{i}.mlp.gate_proj": 3584 for i in range(28)} | {
+        f"layers.{i}.mlp.down_proj": 18944 for i in range(28)
+    }
+    budget = 8 * 2**30
+    chunks = covariance_chunks(widths, 4, budget)
+    assert sorted(g for chunk in chunks for g in chunk) == sorted(widths)
+    assert all(sum(widths[g] ** 2 * 4 for g in chunk) <= budget for chunk in chunks)
+    assert len(chunks) == 6  # 28 down_proj covariances of 1.34 GiB, at most 5 per 8 GiB pass
+    assert covariance_chunks(widths, 4, 10**15) == [sorted(widths, key=lambda g: (-widths[g], g))]
+    huge = covariance_chunks({"a": 100, "b": 10}, 8, 1000)  # a group over budget gets its own pass
+    assert huge == [["a"], ["b"]]
+    with pytest.raises(ValueError):
+        covariance_chunks(widths, 4, 0)

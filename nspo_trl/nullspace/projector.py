@@ -163,6 +163,23 @@ class NullSpaceProjector:
             group: SubspaceFactor.from_covariance(cov, rule)
             for group, cov in tqdm(covariances.items(), desc="NSPO eigendecompositions", disable=not progress)
         }
+        return cls.from_local_factors(local, groups, rule, metadata, probes, owners)
+
+    @classmethod
+    def from_local_factors(
+        cls,
+        local: Mapping[str, SubspaceFactor],
+        groups: Mapping[str, str],
+        rule: NullSpaceRule,
+        metadata: dict | None = None,
+        probes: dict[str, dict[str, torch.Tensor]] | None = None,
+        owners: Mapping[str, int] | None = None,
+    ) -> NullSpaceProjector:
+        """Assemble a projector from the factors this rank built (those of the groups it owns).
+
+        The spectra are exchanged so that every rank knows every group's null dimension; only the
+        owners keep bases. Collective when ``torch.distributed`` is initialised.
+        """
         shared: dict[str, SubspaceFactor] = {}
         for part in all_gather_objects({g: f.without_basis() for g, f in local.items()}):
             shared.update(part)
