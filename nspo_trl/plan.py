@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from nspo_trl.arguments import parse
+from nspo_trl.nullspace.collect import covariance_chunks
 from nspo_trl.nullspace.sharding import assign_owners, group_costs, rank_loads
 from nspo_trl.nullspace.targets import expand_patterns
 from nspo_trl.tiny_model import tiny_model_shape
@@ -85,6 +86,7 @@ def memory_plan(
     lora: bool = False,
     num_processes: int = 1,
     backend: str = "ddp",
+    build_memory_gb: float = 8.0,
 ) -> dict[str, float]:
     """Bytes of each item on the most loaded rank (see the module docstring); LoRA keeps no ``W_ref``."""
     linears = protected_linears(config, target_modules)
@@ -93,6 +95,8 @@ def memory_plan(
     owners = assign_owners(costs, num_processes)
     loads = rank_loads(costs, owners, num_processes)
     busiest = max(range(num_processes), key=lambda r: loads[r])
+    element = DTYPE_BYTES[covariance_dtype]
+    passes = covariance_chunks(widths, element, int(build_memory_gb * 2**30))
     params = sum(m * n for _, m, n, _ in linears)
     owned_params = 0 if lora else sum(m * n for _, m, n, g in linears if owners[g] == busiest)
     n = num_processes
@@ -108,10 +112,10 @@ def memory_plan(
         "w_ref": owned_params * weight_bytes,
         "projector_max": sum(widths[g] * (widths[g] // 2) * 4 for g, r in owners.items() if r == busiest),
         "communication": communication if n > 1 else 0,
-        "covariances_build": sum(w * w * DTYPE_BYTES[covariance_dtype] for w in widths.values()),
-        "covariances_kept": sum(
-            widths[g] ** 2 * DTYPE_BYTES[covariance_dtype] for g, r in owners.items() if r == busiest
-        ),
+        "covariances_all": sum(w * w * DTYPE_BYTES[covariance_dtype] for w in widths.values()),
+        # the build runs one pass over the preservation data per chunk; a rank holds one chunk at a time
+        "build_passes": len(passes),
+        "covariances_build": max(sum(widths[g] ** 2 * element for g in chunk) for chunk in passes),
         "reference_dense_p": sum(n_in * n_in * 4 for _, _, n_in, _ in linears),
         "reference_w_ref": params * 4,
     }
@@ -133,6 +137,7 @@ def print_plan(script_args, training_args, model_args, num_processes: int = 1, b
         lora=model_args.use_peft,
         num_processes=num_processes,
         backend=backend,
+        build_memory_gb=training_args.nspo_build_memory_gb,
     )
     ours = plan["w_ref"] + plan["projector_max"]
     reference = plan["reference_w_ref"] + plan["reference_dense_p"]
@@ -150,8 +155,9 @@ def print_plan(script_args, training_args, model_args, num_processes: int = 1, b
         print(f"  ratio reference / nspo_trl: {reference / ours:.1f}x")
         print(f"  extra communication per projection step: {size(plan['communication'])} per process (fp32)")
     dtype = training_args.nspo_covariance_dtype
-    print(f"  covariances while collecting: {size(plan['covariances_build'])} ({dtype}); "
-          f"kept after the reduce: {size(plan['covariances_kept'])}")  # fmt: skip
+    print(f"  covariances while building: {size(plan['covariances_build'])} per process at most ({dtype}), "
+          f"{size(plan['covariances_all'])} in all, in {plan['build_passes']} pass(es) over the preservation data "
+          f"(nspo_build_memory_gb {training_args.nspo_build_memory_gb:g}: fewer passes need more memory)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
