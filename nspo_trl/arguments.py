@@ -91,6 +91,13 @@ class NSPOScriptArguments(ScriptArguments):
     )
     tiny_hidden_size: int = field(default=256, metadata={"help": "Hidden size of the tiny model."})
     tiny_intermediate_size: int = field(default=512, metadata={"help": "MLP width of the tiny model."})
+    recipe_num_processes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes (GPUs) the recipe's batch arithmetic is written for; a launch with another "
+            "number changes the effective batch, and --dry-run and train say so."
+        },
+    )
     dry_run: bool = field(
         default=False,
         metadata={
@@ -105,6 +112,8 @@ class NSPOScriptArguments(ScriptArguments):
             raise ValueError(f"judge_mode must be 'probability' or 'threshold', got {self.judge_mode!r}.")
         if bool(self.heldout_harmful_dataset) != bool(self.heldout_general_dataset):
             raise ValueError("heldout_general_dataset: set both held-out sets (harmful and general) or neither.")
+        if self.recipe_num_processes is not None and self.recipe_num_processes < 1:
+            raise ValueError(f"recipe_num_processes must be >= 1, got {self.recipe_num_processes}.")
         if self.heldout_max_new_tokens < 1:
             raise ValueError(f"heldout_max_new_tokens must be >= 1, got {self.heldout_max_new_tokens}.")
         unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS and n not in JUDGES and "." not in n]

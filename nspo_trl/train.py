@@ -304,6 +304,9 @@ def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args
     start = time.time()
     if script_args.heldout_harmful_dataset and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("heldout_harmful_dataset: the summary evaluation runs in one process; use nspo_trl.eval.")
+    if training_args.process_index == 0:
+        for line in describe_batch(script_args, training_args, training_args.world_size):
+            logger.info(line)
     trainer = build_trainer(script_args, training_args, model_args)
     heldout = heldout_summary(script_args, trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -338,7 +341,46 @@ def dry_run(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_a
     # under `accelerate launch`, plan for the launch's ranks and backend
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     backend = ("zero3" if stage == "3" else "zero2") if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else "ddp"
-    print_plan(script_args, training_args, model_args, int(os.environ.get("WORLD_SIZE", "1")), backend)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    print("\n".join(describe_batch(script_args, training_args, world)))
+    print_plan(script_args, training_args, model_args, world, backend)
+
+
+def effective_batch(training_args: NSPOConfig, num_processes: int) -> dict[str, float]:
+    """The batch a launch really trains with, from the per-device figures and the number of processes.
+
+    ``completions_per_step`` = per-device batch × accumulation × processes (one optimizer step);
+    ``completions_per_generation`` = per-device batch × ``steps_per_generation`` × processes (one
+    vLLM/transformers generation round), of which ``prompts_per_generation`` = that / ``num_generations``.
+    """
+    per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * num_processes
+    per_generation = training_args.per_device_train_batch_size * training_args.steps_per_generation * num_processes
+    return {
+        "processes": num_processes,
+        "completions_per_step": per_step,
+        "completions_per_generation": per_generation,
+        "prompts_per_generation": per_generation / training_args.num_generations,
+        "steps_per_generation": training_args.steps_per_generation / training_args.gradient_accumulation_steps,
+    }
+
+
+def describe_batch(script_args: NSPOScriptArguments, training_args: NSPOConfig, num_processes: int) -> list[str]:
+    """One line with the effective batch, and a warning line when the launch differs from the recipe's."""
+    batch = effective_batch(training_args, num_processes)
+    lines = [
+        f"effective batch on {num_processes} process(es): {batch['completions_per_step']} completions per optimizer "
+        f"step; {batch['completions_per_generation']} per generation ({batch['prompts_per_generation']:g} prompts x "
+        f"{training_args.num_generations}), {batch['steps_per_generation']:g} optimizer step(s) per generation"
+    ]
+    intended = script_args.recipe_num_processes
+    if intended is not None and intended != num_processes:
+        wanted = effective_batch(training_args, intended)
+        lines.append(
+            f"warning: recipe_num_processes is {intended}, this launch has {num_processes}: the recipe's "
+            f"{wanted['completions_per_step']} completions per optimizer step become {batch['completions_per_step']}; "
+            "scale gradient_accumulation_steps and steps_per_generation, or launch as the recipe says."
+        )
+    return lines
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -132,3 +132,21 @@ def test_plan_rejects_a_bad_rank_count(capsys):
         plan([str(REPO / "recipes" / "qwen7b.yaml"), "--num-processes", "0"])
     assert exit_info.value.code == 2
     assert "--num-processes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("recipe", "processes"), [("qwen7b", 8), ("qwen7b_full_preservation", 8), ("qwen7b_lora", 1)])
+def test_7b_recipes_have_the_papers_batch_on_their_stated_launch(recipe, processes, monkeypatch):
+    """The paper: 320 prompts x 5 completions per generation, two optimizer steps of 800 completions."""
+    from nspo_trl.arguments import parse
+    from nspo_trl.train import describe_batch, effective_batch
+
+    monkeypatch.chdir(REPO)
+    script_args, training_args, _ = parse([f"recipes/{recipe}.yaml", "--dry-run"])
+    assert script_args.recipe_num_processes == processes
+    batch = effective_batch(training_args, processes)
+    assert batch["completions_per_step"] == 800 and batch["completions_per_generation"] == 1600
+    assert batch["prompts_per_generation"] == 320 and batch["steps_per_generation"] == 2
+    assert len(describe_batch(script_args, training_args, processes)) == 1  # no warning on the stated launch
+    other = describe_batch(script_args, training_args, processes * 2)
+    assert len(other) == 2 and other[1].startswith("warning: recipe_num_processes")
+    assert "800 completions per optimizer step become 1600" in other[1]
