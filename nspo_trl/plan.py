@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from nspo_trl.arguments import parse
+from nspo_trl.gpu_budget import GB, Launch, gpu_budget, verdict
 from nspo_trl.nullspace.collect import covariance_chunks
 from nspo_trl.nullspace.sharding import assign_owners, group_costs, rank_loads
 from nspo_trl.nullspace.targets import expand_patterns
@@ -116,17 +117,22 @@ def memory_plan(
         # the build runs one pass over the preservation data per chunk; a rank holds one chunk at a time
         "build_passes": len(passes),
         "covariances_build": max(sum(widths[g] ** 2 * element for g in chunk) for chunk in passes),
+        "widest_owned_group": max(widths.values()),  # any rank may own it: the eigh peak is its
+        "widest_weight": max(m * n_in for _, m, n_in, _ in linears),
         "reference_dense_p": sum(n_in * n_in * 4 for _, _, n_in, _ in linears),
         "reference_w_ref": params * 4,
     }
 
 
-def print_plan(script_args, training_args, model_args, num_processes: int = 1, backend: str = "ddp") -> None:
+def print_plan(
+    script_args, training_args, model_args, num_processes: int = 1, backend: str = "ddp", gpu_memory_gb=None
+) -> bool:
+    """Print the plan; with ``gpu_memory_gb``, also the whole per-GPU budget by phase. Returns whether it fits."""
     tiny = (script_args.tiny_hidden_size, script_args.tiny_intermediate_size) if script_args.build_tiny_model else None
     config = model_config(model_args.model_name_or_path, tiny)
     if config is None:
         print(f"plan: no config for {model_args.model_name_or_path} on this machine (offline); figures skipped.")
-        return
+        return True
     deepspeed_bf16 = backend.startswith("zero") and training_args.bf16
     weight_bytes = 2 if deepspeed_bf16 else DTYPE_BYTES.get(model_args.dtype or "float32", 4)
     plan = memory_plan(
@@ -158,6 +164,33 @@ def print_plan(script_args, training_args, model_args, num_processes: int = 1, b
     print(f"  covariances while building: {size(plan['covariances_build'])} per process at most ({dtype}), "
           f"{size(plan['covariances_all'])} in all, in {plan['build_passes']} pass(es) over the preservation data "
           f"(nspo_build_memory_gb {training_args.nspo_build_memory_gb:g}: fewer passes need more memory)")  # fmt: skip
+    if gpu_memory_gb is None:
+        return True
+    launch = Launch(
+        num_processes=num_processes,
+        backend=backend,
+        gpu_memory_gb=gpu_memory_gb,
+        weight_bytes=weight_bytes,
+        lora=bool(model_args.use_peft),
+        micro_batch=training_args.per_device_train_batch_size,
+        prompt_length=getattr(training_args, "max_prompt_length", None) or 512,
+        completion_length=training_args.max_completion_length,
+        gradient_checkpointing=bool(training_args.gradient_checkpointing),
+        preservation_batch=training_args.nspo_preservation_batch_size,
+        preservation_length=training_args.nspo_preservation_max_length,
+        vllm_colocate=bool(training_args.use_vllm and training_args.vllm_mode == "colocate"),
+        vllm_sleep=bool(training_args.vllm_enable_sleep_mode),
+        vllm_utilization=training_args.vllm_gpu_memory_utilization,
+    )
+    budget = gpu_budget(config, launch, plan)
+    print(f"  per-GPU budget ({gpu_memory_gb:g} GB GPU; GB = 1e9 bytes):")
+    for phase, terms in budget.items():
+        cells = ", ".join(f"{term} {value / GB:.1f}" for term, value in terms.items() if value)
+        print(f"    {phase:<10} {sum(terms.values()) / GB:6.1f} GB = {cells}")
+    lines = verdict(budget, gpu_memory_gb)
+    for line in lines:
+        print(f"  {line}")
+    return all(line.endswith("FITS") for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="a recipe YAML (e.g. recipes/qwen7b.yaml)")
     parser.add_argument("--num-processes", type=int, default=1, help="data-parallel ranks (GPUs)")
     parser.add_argument("--backend", choices=("zero3", "zero2", "ddp"), default="zero3")
+    parser.add_argument("--gpu-memory", type=float, default=None, help="GB per GPU: total every phase against it")
     args = parser.parse_args(argv)
     if args.num_processes < 1:
         parser.error("--num-processes: must be at least 1.")
@@ -177,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"nspo_trl.plan: error: {err}", file=sys.stderr)
         return 2
-    print_plan(script_args, training_args, model_args, args.num_processes, args.backend)
-    return 0
+    backend = args.backend if args.num_processes > 1 else "ddp"  # one process shards nothing
+    fits = print_plan(script_args, training_args, model_args, args.num_processes, backend, args.gpu_memory)
+    return 0 if fits else 3
 
 
 def size(num_bytes: float) -> str:

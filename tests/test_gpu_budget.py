@@ -1,0 +1,78 @@
+"""The per-GPU budget of the flagship recipe, term by term, against a calculation written out by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nspo_trl.arguments import parse
+from nspo_trl.gpu_budget import GB, model_parameters
+from nspo_trl.plan import main as plan_main
+from nspo_trl.plan import print_plan
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Qwen2.5-7B-Instruct: hidden 3584, MLP 18944, 28 layers, 28 heads of 128, 4 KV heads, vocab 152064, untied
+H, F, L, V, KV_WIDTH = 3584, 18944, 28, 152064, 4 * 128
+LAYER = (H * H + H) + 2 * (H * KV_WIDTH + KV_WIDTH) + H * H + 3 * H * F + 2 * H  # q, k, v (biased), o, MLP, norms
+PARAMS = V * H + L * LAYER + H + V * H  # embeddings, layers, final norm, lm_head
+RANKS = 8
+
+
+def test_qwen7b_parameter_count_is_the_published_one():
+    assert PARAMS == 7_615_616_512
+    config = {
+        "hidden_size": H, "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "vocab_size": V, "tie_word_embeddings": False, "model_type": "qwen2",
+    }  # fmt: skip
+    assert model_parameters(config) == PARAMS
+
+
+def budget_lines(capsys, recipe="qwen7b", ranks=RANKS, gpu=80.0) -> dict[str, dict[str, float]]:
+    script_args, training_args, model_args = parse([str(REPO / "recipes" / f"{recipe}.yaml"), "--dry-run"])
+    capsys.readouterr()
+    backend = "zero3" if ranks > 1 else "ddp"
+    fits = print_plan(script_args, training_args, model_args, ranks, backend, gpu)
+    phases = {}
+    for line in capsys.readouterr().out.splitlines():
+        words = line.split()
+        if words and words[0] in ("build", "generation", "training") and "=" in words:
+            terms = " ".join(words[words.index("=") + 1 :]).split(", ")
+            phases[words[0]] = {t.rsplit(" ", 1)[0]: float(t.rsplit(" ", 1)[1]) for t in terms}
+    return phases, fits
+
+
+def test_qwen7b_on_eight_80gb_gpus_every_term(capsys):
+    phases, fits = budget_lines(capsys)
+    gb = lambda value: round(value / GB, 1)  # noqa: E731 (the plan prints GB with one decimal)
+    tokens = 20 * (512 + 512)  # micro-batch 20, prompt 512, completion 512
+    state = 16 * PARAMS / RANKS  # bf16 weights + bf16 grads + fp32 master, m, v, sharded
+    widest = F  # down_proj's input
+    five_down_and_27_gate = 5 * F * F * 4 + 27 * H * H * 4  # the fullest 8 GiB pass of float32 covariances
+    assert phases["build"] == {
+        "model shard": gb(2 * PARAMS / RANKS),
+        "gathered model": gb(2 * PARAMS),
+        "covariances": gb(five_down_and_27_gate),
+        "eigh workspace": gb((4 * widest**2 + 6 * widest + 1) * 8),
+        "forward": gb(8 * 512 * (V * 2 + (2 * F + 4 * H) * 2)),
+        "NSPO state": phases["generation"]["NSPO state"],
+    }  # vLLM asleep during the build (sleep mode): no term
+    assert phases["generation"]["training state"] == gb(state)
+    assert phases["generation"]["vLLM"] == gb(0.5 * 80 * GB)
+    assert phases["training"] == {
+        "training state": gb(state),
+        "NSPO state": phases["generation"]["NSPO state"],
+        "live parameters": gb(2 * 10**9),
+        "activations": gb(L * tokens * H * 2 + tokens * (6 * H + 4 * F + 2 * KV_WIDTH) * 2),
+        "logits": gb(tokens * V * 6),
+        "projection": gb(3 * F * H * 4),  # gate/up/down: 18944 x 3584 weights gathered in fp32
+    }
+    assert fits
+
+
+def test_a_budget_that_overflows_names_the_phase_and_term(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert plan_main(["recipes/qwen7b.yaml", "--num-processes", "8", "--gpu-memory", "24"]) == 3
+    out = capsys.readouterr().out
+    assert "build: 42.9 GB of 24 GB: DOES NOT FIT (largest term: gathered model, 15.2 GB)" in out
+    assert "generation: 31.3 GB of 24 GB: DOES NOT FIT (largest term: training state, 15.2 GB)" in out
+    assert "training: 48.9 GB of 24 GB: DOES NOT FIT (largest term: logits, 18.7 GB)" in out
