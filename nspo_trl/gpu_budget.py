@@ -5,7 +5,8 @@ processes, ``G`` the GPU's memory):
 
 **build** (``NSPOTrainer.__init__``, before DeepSpeed creates the optimizer):
     model shard        ZeRO-3: ``2P/N`` (bf16, partitioned at load); otherwise the loaded model, ``P·w``
-    gathered model     ZeRO-3 only: ``2P`` (the preservation forward runs on the whole gathered model)
+    gathered module    ZeRO-3 only: the preservation forward gathers one module at a time, at most the
+                       embeddings or ``lm_head``: ``2·V·h``
     covariances        the largest pass of ``nspo_build_memory_gb`` (``plan.memory_plan``)
     eigh workspace     float64 ``eigh`` of the rank's widest owned group ``n``: a copy of ``C``, the
                        eigenvectors and LAPACK ``syevd``'s ``1 + 6n + 2n²`` words: ``(4n² + 6n + 1)·8``
@@ -114,7 +115,7 @@ def gpu_budget(config: dict, launch: Launch, nspo: dict) -> dict[str, dict[str, 
 
     build = {
         "model shard": 2 * params // n if launch.backend == "zero3" else params * launch.weight_bytes,
-        "gathered model": 2 * params if launch.backend == "zero3" else 0,
+        "gathered module": 2 * vocab * h if launch.backend == "zero3" else 0,
         "covariances": nspo["covariances_build"],
         "eigh workspace": (4 * widest * widest + 6 * widest + 1) * 8,
         "forward": launch.preservation_batch * launch.preservation_length * (vocab * 2 + (2 * f + 4 * h) * 2),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from nspo_trl import checkpoint as checkpointing
 from nspo_trl.config import NSPOConfig
 from nspo_trl.data import seeded_subset
 from nspo_trl.model_card import NSPO_CITATION, nspo_card_section
-from nspo_trl.nullspace.access import full_shape, gathered, parameter_access
+from nspo_trl.nullspace.access import full_shape, gathered, gathered_one_module_at_a_time, parameter_access
 from nspo_trl.nullspace.collect import CovarianceCollector, covariance_chunks, run_collection
 from nspo_trl.nullspace.projector import NullSpaceProjector, SubspaceFactor, tensor_digest
 from nspo_trl.nullspace.sharding import assign_owners, check_agreement, group_costs
@@ -218,9 +219,14 @@ class NSPOTrainer(GRPOTrainer):
             only=only,
         )
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        batches = iter_batches(shard, args.nspo_preservation_batch_size, tokenizer.pad_token_id)
-        total = -(-len(shard) // args.nspo_preservation_batch_size)
-        with gathered(list(self.model.parameters())):  # ZeRO-3: the reference forward needs whole weights
+        batch_size = args.nspo_preservation_batch_size
+        # every rank runs as many forwards as rank 0 (the largest shard): ZeRO-3 gathers are collective
+        total = -(-len(sequences[0::world] or sequences[:1]) // batch_size)
+        batches = itertools.chain(
+            iter_batches(shard, batch_size, tokenizer.pad_token_id),
+            itertools.repeat(_idle_batch(tokenizer.pad_token_id), total - -(-len(shard) // batch_size)),
+        )
+        with gathered_one_module_at_a_time(self.model):  # ZeRO-3: one module whole at a time, never the model
             return run_collection(
                 self.model, batches, collector, self.accelerator.is_main_process, description=description, total=total
             )
@@ -445,6 +451,12 @@ class NSPOTrainer(GRPOTrainer):
         if isinstance(checkpoint, str):
             self.load_nspo_state(checkpoint, verified=verified)
         return super().train(checkpoint, *args, **kwargs)
+
+
+def _idle_batch(pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One attended pad token whose activations are not collected: a forward that keeps ranks in step."""
+    one = torch.ones(1, 1, dtype=torch.long)
+    return {"input_ids": one * pad_token_id, "attention_mask": one, "collect_mask": torch.zeros_like(one)}
 
 
 class _NSPOCallback(TrainerCallback):

@@ -48,6 +48,45 @@ def gathered(params: Sequence[nn.Parameter]) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def gathered_one_module_at_a_time(model: nn.Module) -> Iterator[None]:
+    """ZeRO-3: during forward passes inside the block, each module's own partitioned parameters are gathered
+    just before it runs and released right after, so a rank holds one module whole at a time (the
+    largest: the embeddings or ``lm_head``), never the whole model; no-op otherwise.
+
+    Gathering is collective: every rank must run the same number of forward passes (see
+    ``NSPOTrainer._collect``). No ZeRO-3 engine exists yet while the projector is built, so its own
+    forward hooks cannot do this.
+    """
+    modules = [m for m in model.modules() if any(is_zero3_param(p) for p in m.parameters(recurse=False))]
+    if not modules:
+        yield
+        return
+    import deepspeed
+
+    open_contexts: dict[int, list] = {}
+
+    def gather(module: nn.Module, args: tuple) -> None:
+        params = [p for p in module.parameters(recurse=False) if is_zero3_param(p)]
+        context = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        context.__enter__()
+        open_contexts.setdefault(id(module), []).append(context)
+
+    def release(module: nn.Module, args: tuple, output) -> None:
+        open_contexts[id(module)].pop().__exit__(None, None, None)
+
+    handles = [m.register_forward_pre_hook(gather) for m in modules]
+    handles += [m.register_forward_hook(release) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for contexts in open_contexts.values():  # a forward that raised midway
+            while contexts:
+                contexts.pop().__exit__(None, None, None)
+
+
 def snapshot_on_owner(param: nn.Parameter, owner: int) -> torch.Tensor | None:
     """A clone of the full parameter (its own dtype) on ``owner``, None on other ranks."""
     rank, _ = rank_and_world()

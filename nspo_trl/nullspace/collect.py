@@ -201,8 +201,9 @@ def run_collection(
 ) -> CovarianceCollector:
     """Run ``model`` (eval mode, no grad) over ``batches`` with the collector's hooks attached.
 
-    Each batch needs ``input_ids`` and ``attention_mask`` (``(batch, seq)``); the model's
-    train/eval mode is restored afterwards.
+    Each batch needs ``input_ids`` and ``attention_mask`` (``(batch, seq)``), and may carry a
+    ``collect_mask`` of the tokens to collect (default: the attended ones); the model's train/eval
+    mode is restored afterwards.
     """
     from tqdm.auto import tqdm
 
@@ -214,7 +215,8 @@ def run_collection(
             for batch in tqdm(batches, desc=description, disable=not progress, total=total):
                 input_ids = batch["input_ids"].to(device)
                 attention_mask = batch["attention_mask"].to(device)
-                collector.set_mask(attention_mask)
+                # "collect_mask": the tokens to collect when they differ from those attended (padding batches)
+                collector.set_mask(batch.get("collect_mask", attention_mask).to(device))
                 model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 collector.finish_grouping()
     finally:

@@ -100,6 +100,8 @@ def main() -> None:
         nspo_alpha=1e-10,
         nspo_preservation_max_length=14,
         nspo_heldout_fraction=0.0,
+        # 3 examples one per batch: rank 0 runs 2 forwards, rank 1 one and an idle one (ZeRO-3 gathers in step)
+        nspo_preservation_batch_size=1,
     )
     trainer = NSPOTrainer(
         model=cli.model,
@@ -107,7 +109,7 @@ def main() -> None:
         args=args,
         train_dataset=load_named_dataset("nspo_trl:safety_prompts").shuffle(seed=0),
         processing_class=tokenizer,
-        preservation_dataset=load_named_dataset("nspo_trl:preservation").select(range(4)),
+        preservation_dataset=load_named_dataset("nspo_trl:preservation").select(range(3)),
         peft_config=lora_config() if cli.lora else None,
     )
     model = trainer.model
