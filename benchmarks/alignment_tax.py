@@ -42,27 +42,33 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from nspo_trl.arguments import parse
 from nspo_trl.data import load_named_dataset
 from nspo_trl.eval.drift import drift_report
 from nspo_trl.eval.tax import answer_sequences, greedy_answers, layer_kind_leakage, refused
 from nspo_trl.rewards.refusal import refusal_score
-from nspo_trl.train import build_trainer, parse, prepare_model
+from nspo_trl.train import build_trainer, prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
+# the recipe is NSPO `full` with gradient projection at lr 1e-3; every other method states what it changes
+GRPO = ["--nspo_project_every", "0", "--nspo_project_gradients", "false", "--nspo_target_modules", "mlp"]
 METHODS: dict[str, list[str]] = {
-    "grpo": ["--nspo_project_every", "0"],
-    "grpo_kl": ["--nspo_project_every", "0", "--beta", "0.1"],
-    "nspo_mlp": [],
-    "nspo_full": ["--nspo_target_modules", "full"],
-    "nspo_mlp_gradproj": ["--nspo_project_gradients", "true"],
+    "grpo": [*GRPO, "--learning_rate", "1e-4"],
+    "grpo_kl": [*GRPO, "--learning_rate", "1e-4", "--beta", "0.1"],
+    "nspo_mlp": ["--nspo_target_modules", "mlp", "--nspo_project_gradients", "false", "--learning_rate", "1e-4"],
+    "nspo_full": ["--nspo_project_gradients", "false"],
+    "nspo_mlp_gradproj": ["--nspo_target_modules", "mlp", "--learning_rate", "1e-4"],
+    "nspo_full_gradproj": [],
 }
+KL_FLOOR = 1e-4  # the log axis starts here; smaller drifts (the untrained model's 0) are drawn on it
 LABELS = {
     "reference": "reference (untrained)",
     "grpo": "GRPO",
     "grpo_kl": "GRPO + KL (β = 0.1)",
-    "nspo_mlp": "NSPO, MLP",
-    "nspo_full": "NSPO, full",
-    "nspo_mlp_gradproj": "NSPO, MLP + gradient projection",
+    "nspo_mlp": "NSPO, MLP (lr 1e-4)",
+    "nspo_full": "NSPO, full (lr 1e-3)",
+    "nspo_mlp_gradproj": "NSPO, MLP + gradient projection (lr 1e-4)",
+    "nspo_full_gradproj": "NSPO, full + gradient projection (lr 1e-3): the recipe",
 }
 
 
@@ -141,7 +147,7 @@ def run_one(method: str, seed: int, args, reference, sets: EvalSets, extra: list
     overrides = [*METHODS[method], *extra, "--seed", str(seed), "--max_steps", str(args.max_steps)]
     output_dir = Path(args.out) / "outputs" / name
     # runs that build the same projector (same targets, data subset and seed) share one, built once
-    targets = "full" if method == "nspo_full" else "mlp"
+    targets = "mlp" if "mlp" in METHODS[method] else "full"
     projector = Path(args.out) / "projectors" / f"{targets}-{name.rsplit('-', 1)[-1]}-{'_'.join(extra) or 'default'}"
     script_args, training_args, model_args = parse(
         [
@@ -191,7 +197,7 @@ def mean_spread(values: list[float]) -> str:
 
 COLUMNS = [
     ("unsafe (keyword)", lambda r: r["final"]["unsafe_keyword"]),
-    ("unsafe (score)", lambda r: r["final"]["unsafe_score"]),
+    ("unsafe (similarity proxy)", lambda r: r["final"]["unsafe_score"]),
     ("over-refusal", lambda r: r["final"]["overrefusal"]),
     ("KL general", lambda r: r["final"]["kl_mean"]),
     ("top-1 agree", lambda r: r["final"]["top1_agreement"]),
@@ -233,14 +239,14 @@ def plot(runs: list[dict], out: Path) -> None:
     for method in dict.fromkeys(r["method"] for r in runs):
         group = [r for r in runs if r["method"] == method]
         ax.scatter(
-            [max(r["final"]["kl_mean"], 1e-7) for r in group],
+            [max(r["final"]["kl_mean"], KL_FLOOR) for r in group],
             [r["final"]["unsafe_keyword"] for r in group],
             label=LABELS.get(method, method),
             color=colors.get(method),
             s=40,
         )
     ax.set_xscale("log")
-    ax.set_xlabel("drift: KL(reference ‖ model) per token on held-out general prompts (log; KL = 0 drawn at 1e-7)")
+    ax.set_xlabel("drift: KL(reference ‖ model) per token on held-out general prompts (log; KL < 1e-4 drawn at 1e-4)")
     ax.set_ylabel("unsafe rate, held-out HarmBench (keyword judge)")
     ax.set_ylim(-0.03, 1.05)
     ax.set_title("SmolLM2-135M-Instruct: safety vs drift, one point per run")
@@ -252,7 +258,7 @@ def plot(runs: list[dict], out: Path) -> None:
     for run in runs:
         if run["method"] == "reference":
             continue
-        xs = [max(p["kl_mean"], 1e-7) for p in run["path"]]
+        xs = [max(p["kl_mean"], KL_FLOOR) for p in run["path"]]
         ys = [p["unsafe_keyword"] for p in run["path"]]
         first = run["seed"] == min(r["seed"] for r in runs if r["method"] == run["method"])
         ax.plot(
@@ -266,7 +272,7 @@ def plot(runs: list[dict], out: Path) -> None:
             label=LABELS.get(run["method"]) if first else None,
         )
     ax.set_xscale("log")
-    ax.set_xlabel("drift: KL per token on held-out general prompts (log; KL = 0 drawn at 1e-7)")
+    ax.set_xlabel("drift: KL per token on held-out general prompts (log; KL < 1e-4 drawn at 1e-4)")
     ax.set_ylabel("unsafe rate (24 held-out HarmBench prompts)")
     ax.set_ylim(-0.03, 1.05)
     ax.set_title("Along training: every evaluation a point (lower left is better)")
@@ -286,7 +292,11 @@ def main() -> None:
     parser.add_argument("--preservation-sizes", nargs="*", type=int, default=[])
     parser.add_argument("--set", nargs="*", default=[], help="extra recipe overrides, e.g. --set learning_rate=2e-4")
     parser.add_argument("--out", default=ROOT / "benchmarks" / "results" / "alignment_tax", type=Path)
+    parser.add_argument("--report-only", action="store_true", help="train nothing: table and plots of OUT/runs")
     args = parser.parse_args()
+    if args.report_only:
+        report(args)
+        return
     torch.manual_seed(0)
     extra = [x for kv in args.set for x in (f"--{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
@@ -316,9 +326,14 @@ def main() -> None:
         result["name"] = name
         target.write_text(json.dumps(result, indent=1))
 
+    report(args, sets, reference)
+
+
+def report(args, sets: EvalSets | None = None, reference=None) -> None:
+    """Table, JSON and plots of every run in ``OUT/runs`` (the reference row is evaluated once if missing)."""
     reference_target = args.out / "runs" / "reference.json"
     if not reference_target.is_file():
-        if not sets.heldout_preservation:
+        if sets is None or not sets.heldout_preservation:
             raise SystemExit("run at least one method first: the held-out preservation split comes from a trainer")
         final = evaluate(reference, reference, sets, quick=False)
         reference_target.write_text(
