@@ -119,8 +119,8 @@ MUTANTS = [
     Mutant(
         "held-out probes collected from the fit split",
         "nspo_trl/trainer.py",
-        "heldout_stats = self._collect(modules, heldout,",
-        "heldout_stats = self._collect(modules, fit,",
+        'modules, heldout, covariance=False, description="NSPO held-out probes"',
+        'modules, fit, covariance=False, description="NSPO held-out probes"',
         (f"{INVARIANTS}::test_heldout_probes_come_from_heldout_examples_only",),
     ),
     Mutant(
