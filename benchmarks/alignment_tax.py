@@ -246,7 +246,7 @@ def plot(runs: list[dict], out: Path) -> None:
             s=40,
         )
     ax.set_xscale("log")
-    ax.set_xlabel("drift: KL(reference ‖ model) per token on held-out general prompts (log; KL < 1e-4 drawn at 1e-4)")
+    ax.set_xlabel("drift: KL(ref ‖ model) per token, held-out general prompts (log; < 1e-4 drawn at 1e-4)")
     ax.set_ylabel("unsafe rate, held-out HarmBench (keyword judge)")
     ax.set_ylim(-0.03, 1.05)
     ax.set_title("SmolLM2-135M-Instruct: safety vs drift, one point per run")
@@ -272,7 +272,7 @@ def plot(runs: list[dict], out: Path) -> None:
             label=LABELS.get(run["method"]) if first else None,
         )
     ax.set_xscale("log")
-    ax.set_xlabel("drift: KL per token on held-out general prompts (log; KL < 1e-4 drawn at 1e-4)")
+    ax.set_xlabel("drift: KL(ref ‖ model) per token, held-out general prompts (log; < 1e-4 drawn at 1e-4)")
     ax.set_ylabel("unsafe rate (24 held-out HarmBench prompts)")
     ax.set_ylim(-0.03, 1.05)
     ax.set_title("Along training: every evaluation a point (lower left is better)")
