@@ -53,15 +53,7 @@ def _shape(config: dict) -> tuple[int, int, int, int, int, int, int]:
 def model_parameters(config: dict) -> int:
     """Parameters of a Llama/Qwen2-shaped decoder: embeddings, layers (attention with q/k/v biases when the
     config says so, SwiGLU MLP, two norms), final norm, and an untied ``lm_head``."""
-    h, f, layers, vocab = (
-        config["hidden_size"],
-        config["intermediate_size"],
-        config["num_hidden_layers"],
-        config["vocab_size"],
-    )
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", heads)
-    d = config.get("head_dim") or h // heads
+    h, f, layers, vocab, heads, kv, d = _shape(config)
     bias = config.get("attention_bias", config.get("model_type") == "qwen2")
     attention = h * heads * d + 2 * h * kv * d + heads * d * h + (heads * d + 2 * kv * d if bias else 0)
     per_layer = attention + 3 * h * f + 2 * h
@@ -92,15 +84,7 @@ class Launch:
 def gpu_budget(config: dict, launch: Launch, nspo: dict) -> dict[str, dict[str, int]]:
     """``{phase: {term: bytes}}`` on the most loaded GPU (module docstring). ``nspo``: ``plan.memory_plan``'s
     figures (``w_ref``, ``projector_max``, ``covariances_build``, ``widest_owned_group``, ``widest_weight``)."""
-    h, f, layers, vocab = (
-        config["hidden_size"],
-        config["intermediate_size"],
-        config["num_hidden_layers"],
-        config["vocab_size"],
-    )
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", heads)
-    d = config.get("head_dim") or h // heads
+    h, f, layers, vocab, _, kv, d = _shape(config)
     params, n = model_parameters(config), launch.num_processes
     g = launch.gpu_memory_gb * GB
 

@@ -106,50 +106,29 @@ def corrupt_model(tmp_path) -> str:
     return str(path)
 
 
+def prompts(data: bytes, name: str = "p.jsonl"):
+    return lambda t: ["--dataset_name", write_file(t, name, data)]
+
+
+def preservation(data: bytes, name: str = "k.jsonl"):
+    return lambda t: ["--preservation_dataset_name", write_file(t, name, data)]
+
+
 ROW = b'{"prompt": [{"role": "user", "content": "hi"}], "is_harmful": true}\n'
+PRESERVATION = "preservation_dataset_name"
 BAD_INPUT = {
-    "prompts not utf-8": (
-        lambda t: ["--dataset_name", write_file(t, "p.jsonl", ROW + b'{"prompt": "caf\xe9"}\n')],
-        "dataset_name",
-    ),
-    "prompts empty file": (lambda t: ["--dataset_name", write_file(t, "p.jsonl", b"")], "dataset_name"),
-    "prompts corrupt json": (
-        lambda t: ["--dataset_name", write_file(t, "p.jsonl", b'{"prompt": [\n')],
-        "dataset_name",
-    ),
+    "prompts not utf-8": (prompts(ROW + b'{"prompt": "caf\xe9"}\n'), "dataset_name"),
+    "prompts empty file": (prompts(b""), "dataset_name"),
+    "prompts corrupt json": (prompts(b'{"prompt": [\n'), "dataset_name"),
     "prompts directory without data": (lambda t: ["--dataset_name", empty_dir(t)], "dataset_name"),
-    "prompts without prompt column": (
-        lambda t: ["--dataset_name", write_file(t, "p.jsonl", b'{"question": "hi", "is_harmful": true}\n')],
-        "dataset_name",
-    ),
-    "prompts without is_harmful for a rule reward": (
-        lambda t: ["--dataset_name", write_file(t, "p.jsonl", b'{"prompt": "hi"}\n')],
-        "reward_funcs",
-    ),
-    "preservation not utf-8": (
-        lambda t: ["--preservation_dataset_name", write_file(t, "k.jsonl", b'{"text": "caf\xe9"}\n')],
-        "preservation_dataset_name",
-    ),
-    "preservation empty csv": (
-        lambda t: ["--preservation_dataset_name", write_file(t, "k.csv", b"")],
-        "preservation_dataset_name",
-    ),
-    "messages as a string": (
-        lambda t: ["--preservation_dataset_name", write_file(t, "k.jsonl", b'{"messages": "hello"}\n')],
-        "preservation_dataset_name",
-    ),
-    "messages as a list of strings": (
-        lambda t: ["--preservation_dataset_name", write_file(t, "k.jsonl", b'{"messages": ["a", "b"]}\n')],
-        "preservation_dataset_name",
-    ),
-    "preservation prompt as a number": (
-        lambda t: ["--preservation_dataset_name", write_file(t, "k.jsonl", b'{"prompt": 7}\n')],
-        "preservation_dataset_name",
-    ),
-    "preservation without a known layout": (
-        lambda t: ["--preservation_dataset_name", write_file(t, "k.jsonl", b'{"question": "q"}\n')],
-        "preservation_dataset_name",
-    ),
+    "prompts without prompt column": (prompts(b'{"question": "hi", "is_harmful": true}\n'), "dataset_name"),
+    "prompts without is_harmful for a rule reward": (prompts(b'{"prompt": "hi"}\n'), "reward_funcs"),
+    "preservation not utf-8": (preservation(b'{"text": "caf\xe9"}\n'), PRESERVATION),
+    "preservation empty csv": (preservation(b"", "k.csv"), PRESERVATION),
+    "messages as a string": (preservation(b'{"messages": "hello"}\n'), PRESERVATION),
+    "messages as a list of strings": (preservation(b'{"messages": ["a", "b"]}\n'), PRESERVATION),
+    "preservation prompt as a number": (preservation(b'{"prompt": 7}\n'), PRESERVATION),
+    "preservation without a known layout": (preservation(b'{"question": "q"}\n'), PRESERVATION),
     "corrupt model config": (
         lambda t: ["--model_name_or_path", corrupt_model(t), "--build_tiny_model", "false"],
         "model_name_or_path",
