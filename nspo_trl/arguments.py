@@ -8,6 +8,7 @@ A recipe is a YAML of :class:`NSPOScriptArguments`, :class:`~nspo_trl.config.NSP
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +113,14 @@ class NSPOScriptArguments(ScriptArguments):
             raise ValueError(f"judge_mode must be 'probability' or 'threshold', got {self.judge_mode!r}.")
         if bool(self.heldout_harmful_dataset) != bool(self.heldout_general_dataset):
             raise ValueError("heldout_general_dataset: set both held-out sets (harmful and general) or neither.")
+        for name, ok in (
+            ("judge_timeout", math.isfinite(self.judge_timeout) and self.judge_timeout > 0),
+            ("judge_max_retries", self.judge_max_retries >= 0),
+            ("judge_max_concurrency", self.judge_max_concurrency >= 1),
+        ):
+            if not ok:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is out of range (timeout > 0, retries >= 0, "
+                                 "concurrency >= 1).")  # fmt: skip
         if self.recipe_num_processes is not None and self.recipe_num_processes < 1:
             raise ValueError(f"recipe_num_processes must be >= 1, got {self.recipe_num_processes}.")
         if self.heldout_max_new_tokens < 1:

@@ -135,7 +135,9 @@ BAD_INPUT = {
     ),
     "use_vllm without vllm": (lambda t: ["--use_vllm", "true"], "use_vllm"),
     "unimportable reward": (lambda t: ["--reward_funcs", "no_such_module.reward"], "reward_funcs"),
-    "zero judge timeout": (lambda t: ["--reward_funcs", "llama_guard", "--judge_timeout", "0"], "timeout"),
+    "zero judge timeout": (lambda t: ["--reward_funcs", "llama_guard", "--judge_timeout", "0"], "judge_timeout"),
+    "negative judge retries": (lambda t: ["--judge_max_retries", "-1"], "judge_max_retries"),
+    "zero judge concurrency": (lambda t: ["--judge_max_concurrency", "0"], "judge_max_concurrency"),
 }
 
 
