@@ -127,12 +127,22 @@ def memory_plan(
 def print_plan(
     script_args, training_args, model_args, num_processes: int = 1, backend: str = "ddp", gpu_memory_gb=None
 ) -> bool:
-    """Print the plan; with ``gpu_memory_gb``, also the whole per-GPU budget by phase. Returns whether it fits."""
+    """Print :func:`plan_report`'s lines; returns whether every phase fits."""
+    lines, fits = plan_report(script_args, training_args, model_args, num_processes, backend, gpu_memory_gb)
+    print("\n".join(lines))
+    return fits
+
+
+def plan_report(
+    script_args, training_args, model_args, num_processes: int = 1, backend: str = "ddp", gpu_memory_gb=None
+) -> tuple[list[str], bool]:
+    """The plan's lines; with ``gpu_memory_gb``, also the whole per-GPU budget by phase, and whether it fits."""
+    out: list[str] = []
     tiny = (script_args.tiny_hidden_size, script_args.tiny_intermediate_size) if script_args.build_tiny_model else None
     config = model_config(model_args.model_name_or_path, tiny)
     if config is None:
-        print(f"plan: no config for {model_args.model_name_or_path} on this machine (offline); figures skipped.")
-        return True
+        out.append(f"plan: no config for {model_args.model_name_or_path} on this machine (offline); figures skipped.")
+        return out, True
     deepspeed_bf16 = backend.startswith("zero") and training_args.bf16
     weight_bytes = 2 if deepspeed_bf16 else DTYPE_BYTES.get(model_args.dtype or "float32", 4)
     plan = memory_plan(
@@ -151,21 +161,21 @@ def print_plan(
     where = f"{num_processes} process{'es' if num_processes > 1 else ''}" + (
         f" ({backend})" if num_processes > 1 else ""
     )
-    print(f"plan for {model_args.model_name_or_path} on {where}: {plan['protected_linears']} protected linears "
+    out.append(f"plan for {model_args.model_name_or_path} on {where}: {plan['protected_linears']} protected linears "
           f"({params / 1e9:.3f} B params) in {plan['input_groups']} input groups")  # fmt: skip
-    print(f"  per process, nspo_trl : W_ref {size(plan['w_ref'])} + projector <= {size(plan['projector_max'])}"
+    out.append(f"  per process, nspo_trl : W_ref {size(plan['w_ref'])} + projector <= {size(plan['projector_max'])}"
           f" = {size(ours)} ({ours / 1e9:.2f} GB, most loaded rank)")  # fmt: skip
-    print(f"  per process, reference: W_ref {size(plan['reference_w_ref'])} + dense P "
+    out.append(f"  per process, reference: W_ref {size(plan['reference_w_ref'])} + dense P "
           f"{size(plan['reference_dense_p'])} = {size(reference)} ({reference / 1e9:.2f} GB)")  # fmt: skip
     if num_processes > 1:
-        print(f"  ratio reference / nspo_trl: {reference / ours:.1f}x")
-        print(f"  extra communication per projection step: {size(plan['communication'])} per process (fp32)")
+        out.append(f"  ratio reference / nspo_trl: {reference / ours:.1f}x")
+        out.append(f"  extra communication per projection step: {size(plan['communication'])} per process (fp32)")
     dtype = training_args.nspo_covariance_dtype
-    print(f"  covariances while building: {size(plan['covariances_build'])} per process at most ({dtype}), "
+    out.append(f"  covariances while building: {size(plan['covariances_build'])} per process at most ({dtype}), "
           f"{size(plan['covariances_all'])} in all, in {plan['build_passes']} pass(es) over the preservation data "
           f"(nspo_build_memory_gb {training_args.nspo_build_memory_gb:g}: fewer passes need more memory)")  # fmt: skip
     if gpu_memory_gb is None:
-        return True
+        return out, True
     launch = Launch(
         num_processes=num_processes,
         backend=backend,
@@ -183,14 +193,13 @@ def print_plan(
         vllm_utilization=training_args.vllm_gpu_memory_utilization,
     )
     budget = gpu_budget(config, launch, plan)
-    print(f"  per-GPU budget ({gpu_memory_gb:g} GB GPU; GB = 1e9 bytes):")
+    out.append(f"  per-GPU budget ({gpu_memory_gb:g} GB GPU; GB = 1e9 bytes):")
     for phase, terms in budget.items():
         cells = ", ".join(f"{term} {value / GB:.1f}" for term, value in terms.items() if value)
-        print(f"    {phase:<10} {sum(terms.values()) / GB:6.1f} GB = {cells}")
+        out.append(f"    {phase:<10} {sum(terms.values()) / GB:6.1f} GB = {cells}")
     lines = verdict(budget, gpu_memory_gb)
-    for line in lines:
-        print(f"  {line}")
-    return all(line.endswith("FITS") for line in lines)
+    out += [f"  {line}" for line in lines]
+    return out, all(line.endswith("FITS") for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ from nspo_trl.data import (
 )
 from nspo_trl.eval.tax import HeldoutSummary
 from nspo_trl.model_source import cache_dir, resolve_model_path
-from nspo_trl.plan import print_plan
+from nspo_trl.plan import plan_report, print_plan
 from nspo_trl.preservation import check_layout
 from nspo_trl.rewards import (
     JudgeError,
@@ -304,6 +304,13 @@ def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args
     start = time.time()
     if script_args.heldout_harmful_dataset and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("heldout_harmful_dataset: the summary evaluation runs in one process; use nspo_trl.eval.")
+    if script_args.gpu_memory_gb is not None:  # before anything is loaded; every rank decides alike
+        world, backend = launch_shape()
+        lines, fits = plan_report(script_args, training_args, model_args, world, backend, script_args.gpu_memory_gb)
+        if not fits and training_args.process_index == 0:
+            for line in lines:
+                logger.info(line)
+        refuse_if_over_budget(script_args, fits)
     if training_args.process_index == 0:
         for line in describe_batch(script_args, training_args, training_args.world_size):
             logger.info(line)
@@ -338,12 +345,27 @@ def dry_run(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_a
                 changed[f.name] = value if plain else str(value)
         resolved[name] = changed
     print(yaml.safe_dump(resolved, sort_keys=True, width=119))
-    # under `accelerate launch`, plan for the launch's ranks and backend
+    world, backend = launch_shape()
+    print("\n".join(describe_batch(script_args, training_args, world)))
+    fits = print_plan(script_args, training_args, model_args, world, backend, script_args.gpu_memory_gb)
+    refuse_if_over_budget(script_args, fits)
+
+
+def launch_shape() -> tuple[int, str]:
+    """``(processes, backend)`` of the current launch: under ``accelerate launch``, its ranks and ZeRO stage."""
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     backend = ("zero3" if stage == "3" else "zero2") if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else "ddp"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    print("\n".join(describe_batch(script_args, training_args, world)))
-    print_plan(script_args, training_args, model_args, world, backend)
+    return world, backend if world > 1 else "ddp"
+
+
+def refuse_if_over_budget(script_args: NSPOScriptArguments, fits: bool) -> None:
+    if not fits and not script_args.ignore_memory_plan:
+        raise ValueError(
+            f"gpu_memory_gb: the plan does not fit {script_args.gpu_memory_gb:g} GB per GPU "
+            "(python -m nspo_trl.plan ... --gpu-memory shows the phase and term); shrink the recipe, "
+            "or set ignore_memory_plan: true."
+        )
 
 
 def effective_batch(training_args: NSPOConfig, num_processes: int) -> dict[str, float]:

@@ -76,3 +76,27 @@ def test_a_budget_that_overflows_names_the_phase_and_term(capsys, monkeypatch):
     assert "build: 28.8 GB of 24 GB: DOES NOT FIT (largest term: eigh workspace, 11.5 GB)" in out
     assert "generation: 31.3 GB of 24 GB: DOES NOT FIT (largest term: training state, 15.2 GB)" in out
     assert "training: 48.9 GB of 24 GB: DOES NOT FIT (largest term: logits, 18.7 GB)" in out
+
+
+def test_dry_run_and_train_refuse_a_recipe_that_does_not_fit(tmp_path, monkeypatch, capsys):
+    from nspo_trl.train import cli
+
+    monkeypatch.chdir(REPO)
+    assert cli(["recipes/qwen7b_lora.yaml", "--dry-run", "--gpu_memory_gb", "80"]) == 0  # its one-GPU launch
+    capsys.readouterr()
+    # the 8-GPU recipe launched as one process: DDP's 16 bytes per parameter alone are 122 GB
+    assert cli(["recipes/qwen7b.yaml", "--dry-run", "--gpu_memory_gb", "80"]) == 2
+    captured = capsys.readouterr()
+    assert (
+        captured.err.strip()
+        .splitlines()[-1]
+        .startswith("nspo_trl.train: error: gpu_memory_gb: the plan does not fit 80 GB per GPU")
+    )
+    assert "training: 193.1 GB of 80 GB: DOES NOT FIT (largest term: training state, 121.8 GB)" in captured.out
+    assert cli(["recipes/qwen7b.yaml", "--dry-run", "--gpu_memory_gb", "80", "--ignore_memory_plan", "true"]) == 0
+    # train refuses before anything is loaded or written
+    out = tmp_path / "out"
+    smoke = ["recipes/smoke.yaml", "--model_name_or_path", str(tmp_path / "tiny"), "--output_dir", str(out)]
+    assert cli([*smoke, "--gpu_memory_gb", "0.0001"]) == 2
+    assert "gpu_memory_gb: the plan does not fit" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists() and not (tmp_path / "tiny").exists()
