@@ -137,6 +137,7 @@ def plan_report(
     script_args, training_args, model_args, num_processes: int = 1, backend: str = "ddp", gpu_memory_gb=None
 ) -> tuple[list[str], bool]:
     """The plan's lines; with ``gpu_memory_gb``, also the whole per-GPU budget by phase, and whether it fits."""
+    backend = backend if num_processes > 1 else "ddp"  # one process shards nothing
     out: list[str] = []
     tiny = (script_args.tiny_hidden_size, script_args.tiny_intermediate_size) if script_args.build_tiny_model else None
     config = model_config(model_args.model_name_or_path, tiny)
@@ -220,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"nspo_trl.plan: error: {err}", file=sys.stderr)
         return 2
-    backend = args.backend if args.num_processes > 1 else "ddp"  # one process shards nothing
-    fits = print_plan(script_args, training_args, model_args, args.num_processes, backend, args.gpu_memory)
+    fits = print_plan(script_args, training_args, model_args, args.num_processes, args.backend, args.gpu_memory)
     return 0 if fits else 3
 
 

@@ -356,7 +356,7 @@ def launch_shape() -> tuple[int, str]:
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     backend = ("zero3" if stage == "3" else "zero2") if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else "ddp"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, backend if world > 1 else "ddp"
+    return world, backend
 
 
 def refuse_if_over_budget(script_args: NSPOScriptArguments, fits: bool) -> None:
