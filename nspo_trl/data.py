@@ -6,13 +6,16 @@
   ``is_harmful`` (for the rule-based refusal reward of smoke runs);
 - ``nspo_trl:preservation``: 60 general-task conversations (arithmetic, code, instruction
   following) in ``messages`` layout, for building the null space;
-- ``nspo_trl:overrefusal_prompts``: 32 benign prompts that merely sound alarming (XSTest style);
+- ``nspo_trl:overrefusal_prompts``: 32 benign prompts that merely sound alarming (XSTest style), for eval;
+- ``nspo_trl:overrefusal_train_prompts``: 48 more of them, written apart from those, for training;
 - ``nspo_trl:general_prompts``: 32 general prompts, disjoint from the preservation data, for drift.
 
 Real harmful requests (see :mod:`nspo_trl.safety_sets`; split ``train`` or ``test``, never overlapping):
 ``nspo_trl:harmbench``, ``nspo_trl:donotanswer``, ``nspo_trl:harmful`` (both), and
-``nspo_trl:safety_mix``: HarmBench plus benign prompts (train: the 32 benign ``safety_prompts``;
-test: the over-refusal prompts), so a refusal reward also penalises refusing what is harmless.
+``nspo_trl:safety_mix``: HarmBench plus benign prompts (train: the 32 benign ``safety_prompts`` and the
+48 over-refusal training prompts; test: the eval over-refusal prompts), so a refusal reward also
+penalises refusing what is harmless; ``nspo_trl:general_and_alarming``: preservation prompts (general
+instructions plus the over-refusal training prompts).
 
 Anything else goes to ``datasets.load_dataset`` unchanged (a Hub id, a local directory, or a
 ``.json``/``.jsonl``/``.parquet``/``.csv`` file).
@@ -67,15 +70,44 @@ def _bundled(name: str) -> Dataset:
 
 
 def safety_mix(split: str = "train") -> Dataset:
-    """HarmBench ``split`` plus benign prompts (``category`` ``benign``, or ``overrefusal`` for ``test``)."""
+    """HarmBench ``split`` plus benign prompts, ``category`` ``harmbench``, ``benign`` or ``overrefusal``.
+
+    ``train``: the 141 HarmBench train prompts, the 32 benign ``safety_prompts`` and the 48
+    ``overrefusal_train_prompts`` (benign requests that sound alarming), so a refusal reward costs
+    something exactly where a safety update over-generalises; ``test``: the 59 held-out HarmBench
+    prompts and the 32 ``overrefusal_prompts`` (written apart from the training ones, see the tests).
+    """
     from nspo_trl.safety_sets import harmbench
 
     if split == "test":
-        benign, label = _bundled("overrefusal_prompts"), "overrefusal"
+        benign = [(_bundled("overrefusal_prompts"), "overrefusal")]
     else:
-        benign, label = _bundled("safety_prompts").filter(lambda row: not row["is_harmful"]), "benign"
-    benign = benign.map(lambda _: {"category": label})
-    return concatenate_datasets([harmbench(split), benign.select_columns(["prompt", "is_harmful", "category"])])
+        benign = [
+            (_bundled("safety_prompts").filter(lambda row: not row["is_harmful"]), "benign"),
+            (_bundled("overrefusal_train_prompts"), "overrefusal"),
+        ]
+    parts = [harmbench(split)]
+    for rows, label in benign:
+        parts.append(rows.map(lambda _, label=label: {"category": label}).select_columns(list(parts[0].column_names)))
+    return concatenate_datasets(parts)
+
+
+def general_and_alarming(split: str = "train") -> Dataset:
+    """Preservation prompts: the 200 ``general_instructions`` and the 48 ``overrefusal_train_prompts``.
+
+    Column ``prompt`` (plain text). Answered by the reference model (``generate_preservation_responses``),
+    it puts the reference's behaviour on benign-but-alarming requests into C, so the null space also
+    keeps those answers, the ones a refusal update is most tempted to change.
+    """
+    if split != "train":
+        raise ValueError(f"dataset_train_split: {split!r} is not a split of this set; use 'train'.")
+    alarming = _bundled("overrefusal_train_prompts")
+    return concatenate_datasets(
+        [
+            _bundled("general_instructions").select_columns(["prompt"]),
+            Dataset.from_dict({"prompt": [row[0]["content"] for row in alarming["prompt"]]}),
+        ]
+    )
 
 
 def _named_sets() -> dict[str, Callable[[str], Dataset]]:
@@ -86,6 +118,7 @@ def _named_sets() -> dict[str, Callable[[str], Dataset]]:
         "donotanswer": safety_sets.donotanswer,
         "harmful": safety_sets.harmful_prompts,
         "safety_mix": safety_mix,
+        "general_and_alarming": general_and_alarming,
     }
 
 

