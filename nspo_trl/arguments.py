@@ -8,18 +8,19 @@ A recipe is a YAML of :class:`NSPOScriptArguments`, :class:`~nspo_trl.config.NSP
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from nspo_trl.config import NSPOConfig
+from nspo_trl.packaged import RECIPES_DIR, recipe_path
 from nspo_trl.recipe import check_paths, check_recipe_fields, load_recipe
 from nspo_trl.rewards import keyword_refusal_reward, refusal_prefix_reward, refusal_reward
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
+DEFAULT_RECIPE = RECIPES_DIR / "smoke.yaml"
 JUDGES = ("llama_guard", "local_guard")
 REWARD_FUNCS = {
     "refusal": refusal_reward,
@@ -35,7 +36,7 @@ class NSPOScriptArguments(ScriptArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["refusal"],
         metadata={
-            "help": "Rewards: refusal, refusal_prefix, refusal_keyword, llama_guard, local_guard, 'module.function'."
+            "help": "Rewards: refusal, refusal_prefix, refusal_keyword, llama_guard, local_guard, 'module:function'."
         },
     )
     judge_base_url: str = field(
@@ -137,10 +138,15 @@ class NSPOScriptArguments(ScriptArguments):
             raise ValueError(f"recipe_num_processes must be >= 1, got {self.recipe_num_processes}.")
         if self.heldout_max_new_tokens < 1:
             raise ValueError(f"heldout_max_new_tokens must be >= 1, got {self.heldout_max_new_tokens}.")
-        unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS and n not in JUDGES and "." not in n]
+        unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS and n not in JUDGES and ":" not in n]
         if unknown:
-            raise ValueError(f"reward_funcs: {unknown[0]!r} is neither one of "
-                             f"{sorted([*REWARD_FUNCS, *JUDGES])} nor 'module.function'.")  # fmt: skip
+            known = sorted([*REWARD_FUNCS, *JUDGES])
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            if "." in unknown[0]:
+                module, _, attribute = unknown[0].rpartition(".")
+                hint = f"write an importable function as '{module}:{attribute}'; "
+            raise ValueError(f"reward_funcs: {unknown[0]!r} is unknown; {hint}use one of {known} or 'module:func'.")
 
 
 DATACLASSES = (NSPOScriptArguments, NSPOConfig, ModelConfig)
@@ -152,28 +158,44 @@ class RecipeParser(TrlParser):
     def error(self, message: str):
         raise ValueError(message)
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Unknown options fail with the closest known one suggested (``--nspo_alfa`` → ``--nspo_alpha``)."""
+        namespace, unknown = super().parse_known_args(args, namespace)
+        options = [u for u in unknown if u.startswith("--")]
+        if options:
+            name = options[0].split("=", 1)[0]
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            self.error(f"{name}: unknown option{hint}")
+        return namespace, unknown
 
-def make_parser() -> TrlParser:
-    return RecipeParser(DATACLASSES)
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    return RecipeParser(DATACLASSES, prog=prog)
 
 
-def parse(argv: list[str]) -> tuple[NSPOScriptArguments, NSPOConfig, ModelConfig]:
-    """A leading ``*.yaml`` path is the recipe (``--config``); no recipe at all means the smoke recipe.
+def parse(argv: list[str], prog: str | None = None) -> tuple[NSPOScriptArguments, NSPOConfig, ModelConfig]:
+    """A leading recipe (a path, or a shipped name like ``qwen7b``) is ``--config``; none means the smoke recipe.
 
     The recipe is checked first (unknown fields, wrong types), then parsed with TRL's parser.
     """
     argv = list(argv)
-    if argv and argv[0].endswith((".yaml", ".yml")):
+    if argv and not argv[0].startswith("-"):
         argv = ["--config", argv[0], *argv[1:]]
     if "--config" not in argv:
         argv = ["--config", str(DEFAULT_RECIPE), *argv]
-    recipe = load_recipe(argv[argv.index("--config") + 1])
+    at = argv.index("--config") + 1
+    if at == len(argv):
+        raise ValueError("--config: name a recipe file or a shipped recipe (nspo-trl recipes lists them).")
+    argv[at] = str(recipe_path(argv[at]))
+    recipe = load_recipe(argv[at])
     check_recipe_fields(recipe, DATACLASSES)
     dry_run = any(a in ("--dry-run", "--dry_run") for a in argv) or bool(recipe.get("dry_run"))
     simulated_cpu = dry_run and not torch.cuda.is_available() and not recipe.get("use_cpu")
     if simulated_cpu:  # let a GPU recipe (bf16) be checked on a machine without a GPU
         argv += ["--use_cpu", "true"]
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    script_args, training_args, model_args = make_parser(prog).parse_args_and_config(args=argv)
     if simulated_cpu:
         training_args.use_cpu = False
     check_paths(script_args, model_args)

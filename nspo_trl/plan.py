@@ -203,13 +203,16 @@ def plan_report(
     return out, all(line.endswith("FITS") for line in lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m nspo_trl.plan RECIPE.yaml [--num-processes N] [--backend zero3|zero2|ddp]``."""
+def main(argv: list[str] | None = None, prog: str = "python -m nspo_trl.plan") -> int:
+    """The per-GPU memory plan of a recipe, phase by phase; with ``--gpu-memory GB``, FITS or DOES NOT FIT."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m nspo_trl.plan", description=main.__doc__)
-    parser.add_argument("recipe", help="a recipe YAML (e.g. recipes/qwen7b.yaml)")
+    from nspo_trl.quiet import quiet_command_line
+
+    quiet_command_line()
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
+    parser.add_argument("recipe", help="a recipe: a shipped name (qwen7b) or a YAML path")
     parser.add_argument("--num-processes", type=int, default=1, help="data-parallel ranks (GPUs)")
     parser.add_argument("--backend", choices=("zero3", "zero2", "ddp"), default="zero3")
     parser.add_argument("--gpu-memory", type=float, default=None, help="GB per GPU: total every phase against it")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -39,9 +38,11 @@ from nspo_trl.data import (
     seeded_subset,
 )
 from nspo_trl.eval.tax import HeldoutSummary
+from nspo_trl.importing import import_object
 from nspo_trl.model_source import cache_dir, resolve_model_path
 from nspo_trl.plan import plan_report, print_plan
 from nspo_trl.preservation import check_layout
+from nspo_trl.quiet import quiet_command_line
 from nspo_trl.rewards import (
     JudgeError,
     LlamaGuardReward,
@@ -71,17 +72,7 @@ def resolve_reward(name: str, script_args: NSPOScriptArguments):
         return LocalGuardReward(script_args.judge_model, mode=script_args.judge_mode)
     if name in REWARD_FUNCS:
         return REWARD_FUNCS[name]
-    module_name, _, attribute = name.rpartition(".")
-    if not module_name:
-        known = sorted([*REWARD_FUNCS, *JUDGES])
-        raise ValueError(f"reward_funcs: {name!r} is neither one of {known} nor 'module.function'.")
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"reward_funcs: cannot import {name!r} ({err}).") from None
-    finally:
-        sys.path.pop(0)
+    return import_object(name, "reward_funcs")
 
 
 def load_training_prompts(script_args: NSPOScriptArguments, seed: int):
@@ -329,10 +320,75 @@ def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args
     return summary
 
 
+def deciding_settings(
+    script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig, num_processes: int
+) -> list[tuple[str, str]]:
+    """``(what, value)`` for every setting that decides what a run does, whether or not it is a default."""
+    batch = effective_batch(training_args, num_processes)
+    judge = [n for n in script_args.reward_funcs if n in JUDGES]
+    data = f"{script_args.dataset_name} [{script_args.dataset_train_split}]"
+    if script_args.train_fraction != 1.0 or script_args.harmful_only:
+        data += f", fraction {script_args.train_fraction:g}" + (", harmful only" if script_args.harmful_only else "")
+    preservation = f"{script_args.preservation_dataset_name} [{script_args.preservation_dataset_split}]"
+    count = training_args.nspo_num_preservation_samples
+    preservation += f", {'all' if count is None else count} examples"
+    if script_args.generate_preservation_responses:
+        preservation += f", answered by the reference ({script_args.preservation_max_new_tokens} tokens)"
+    epochs = f"{training_args.num_train_epochs:g} epoch(s)"
+    length = f"{training_args.max_steps} steps" if training_args.max_steps > 0 else epochs
+    generation = "vLLM " + training_args.vllm_mode if training_args.use_vllm else "transformers"
+    return [
+        (
+            "model",
+            f"{model_args.model_name_or_path} ({model_args.dtype or 'auto'}"
+            f"{', LoRA r=' + str(model_args.lora_r) if model_args.use_peft else ''})",
+        ),
+        ("training prompts", data),
+        (
+            "reward",
+            ", ".join(script_args.reward_funcs) + (f" (judge {script_args.judge_model})" if judge else ""),
+        ),
+        ("learning rate", f"{training_args.learning_rate:g} ({training_args.lr_scheduler_type.value}), {length}"),
+        (
+            "global batch",
+            f"{batch['completions_per_step']} completions per optimizer step = "
+            f"{training_args.per_device_train_batch_size} per device x "
+            f"{training_args.gradient_accumulation_steps} accumulation x {num_processes} process(es)",
+        ),
+        (
+            "generations",
+            f"{training_args.num_generations} per prompt, {batch['prompts_per_generation']:g} prompts per "
+            f"generation, via {generation}",
+        ),
+        (
+            "completion length",
+            f"{training_args.max_completion_length} tokens, temperature {training_args.temperature:g}",
+        ),
+        ("KL beta", f"{training_args.beta:g}"),
+        ("preservation data", preservation),
+        ("null space", f"alpha {training_args.nspo_alpha:g}, targets {training_args.nspo_target_modules}"),
+        (
+            "projection",
+            f"every {training_args.nspo_project_every} step(s)"
+            + (", gradients projected before the optimizer" if training_args.nspo_project_gradients else ""),
+        ),
+        ("output", f"{training_args.output_dir} (seed {training_args.seed})"),
+    ]
+
+
 def dry_run(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig) -> None:
-    """Print the resolved fields that differ from their defaults, then the memory plan."""
+    """Print, on the main process only, the settings that decide the run, the other fields that differ
+    from their defaults, the effective batch and the memory plan; load nothing, write nothing."""
     import yaml
 
+    world, backend = launch_shape()
+    if int(os.environ.get("RANK", "0")) != 0:  # every rank checks; one prints
+        fits = plan_report(script_args, training_args, model_args, world, backend, script_args.gpu_memory_gb)[1]
+        refuse_if_over_budget(script_args, fits)
+        return
+    settings = deciding_settings(script_args, training_args, model_args, world)
+    width = max(len(what) for what, _ in settings)
+    print("\n".join(f"{what:<{width}}  {value}" for what, value in settings))
     resolved = {}
     for name, obj in zip(("script", "training", "model"), (script_args, training_args, model_args), strict=True):
         changed = {}
@@ -344,8 +400,8 @@ def dry_run(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_a
                 plain = type(value) in (int, float, str, bool, list, type(None))
                 changed[f.name] = value if plain else str(value)
         resolved[name] = changed
+    print("\nevery field that differs from its default:")
     print(yaml.safe_dump(resolved, sort_keys=True, width=119))
-    world, backend = launch_shape()
     print("\n".join(describe_batch(script_args, training_args, world)))
     fits = print_plan(script_args, training_args, model_args, world, backend, script_args.gpu_memory_gb)
     refuse_if_over_budget(script_args, fits)
@@ -405,11 +461,12 @@ def describe_batch(script_args: NSPOScriptArguments, training_args: NSPOConfig, 
     return lines
 
 
-def cli(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None, prog: str = "python -m nspo_trl.train") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_command_line()
     try:
         check_versions(("trl", "transformers", "deepspeed"))
-        script_args, training_args, model_args = parse(sys.argv[1:] if argv is None else argv)
+        script_args, training_args, model_args = parse(sys.argv[1:] if argv is None else argv, prog=prog)
         if script_args.dry_run:
             dry_run(script_args, training_args, model_args)
         else:

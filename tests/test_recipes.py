@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,43 @@ def test_7b_recipes_have_the_papers_batch_on_their_stated_launch(recipe, process
     other = describe_batch(script_args, training_args, processes * 2)
     assert len(other) == 2 and other[1].startswith("warning: recipe_num_processes")
     assert "800 completions per optimizer step become 1600" in other[1]
+
+
+def test_dry_run_shows_every_deciding_setting_even_at_its_default(tmp_path, monkeypatch, capsys):
+    """lr, batch and α are printed whether or not the recipe sets them; the batch is the launch's."""
+    import nspo_trl.train
+
+    monkeypatch.chdir(REPO)
+    recipe = yaml.safe_load((REPO / "recipes" / "smoke.yaml").read_text())
+    for name in ("learning_rate", "nspo_alpha", "nspo_project_every", "beta"):
+        recipe.pop(name, None)  # left at NSPOConfig's defaults
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(nspo_trl.train, "launch_shape", lambda: (4, "zero3"))  # as under accelerate launch
+    assert cli([str(path), "--dry-run", "--gradient_accumulation_steps", "3"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("  ")[0]: line for line in out.split("\n\n")[0].splitlines()}
+    per_device = recipe["per_device_train_batch_size"]
+    assert (
+        f"{per_device * 3 * 4} completions per optimizer step = {per_device} per device x 3 accumulation x 4"
+        in (lines["global batch"])
+    )
+    assert lines["learning rate"].split()[2] == "1e-06"  # NSPOConfig's default, not omitted
+    assert "alpha 5e-05" in lines["null space"] and "every 1 step(s)" in lines["projection"]
+    assert lines["KL beta"].endswith(" 0") and recipe["model_name_or_path"] in lines["model"]
+    assert out.count("global batch") == 1
+
+
+def test_dry_run_prints_once_per_launch(tmp_path):
+    """A real 2-process launch through ``nspo-trl train --accelerate_config`` (the shipped DDP config on
+    CPU): every rank checks the recipe, only rank 0 prints it, with the launch's 2 processes."""
+    config = yaml.safe_load((REPO / "accelerate_configs" / "ddp.yaml").read_text())
+    config.update(use_cpu=True, num_processes=2, mixed_precision="no", main_process_port=29581)
+    config.pop("gpu_ids", None)  # MULTI_GPU + use_cpu: torchrun with gloo
+    (tmp_path / "cpu_ddp.yaml").write_text(yaml.safe_dump(config))
+    command = [str(Path(sys.executable).parent / "nspo-trl"), "train", "recipes/smoke.yaml", "--dry-run",
+               "--accelerate_config", str(tmp_path / "cpu_ddp.yaml")]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("global batch") == 1 and result.stdout.count("plan for") == 1
+    assert "x 2 process(es)" in result.stdout

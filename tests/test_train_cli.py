@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nspo_trl.arguments import DEFAULT_RECIPE
+from nspo_trl.packaged import RECIPES_DIR
 from nspo_trl.train import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def test_smoke_recipe_writes_model_projector_checkpoints_and_summary(tmp_path, m
 
 
 def test_default_recipe_is_the_smoke_recipe():
-    assert DEFAULT_RECIPE == REPO / "recipes" / "smoke.yaml"
+    assert DEFAULT_RECIPE == (REPO / "recipes" / "smoke.yaml").resolve() == RECIPES_DIR / "smoke.yaml"
 
 
 @pytest.mark.parametrize(

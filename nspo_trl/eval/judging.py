@@ -13,9 +13,9 @@ A judge never returns "safe" for a response it could not judge: it raises ``Judg
 from __future__ import annotations
 
 import asyncio
-import importlib
 from collections.abc import Callable, Sequence
 
+from nspo_trl.importing import import_object
 from nspo_trl.rewards.guard import GuardVerdict
 
 Conversation = list[dict[str, str]]
@@ -33,11 +33,6 @@ def make_judge(kind: str, base_url: str, model: str, api_key: str | None = None,
         from nspo_trl.rewards import LocalGuardReward
 
         return LocalGuardReward(model, mode="threshold").judge
-    module, _, attribute = kind.partition(":")
-    if not attribute:
+    if ":" not in kind:
         raise ValueError(f"judge: {kind!r} is not llama_guard, local or module:attribute.")
-    try:
-        judge = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"judge: cannot import {kind!r} ({err}).") from None
-    return judge
+    return import_object(kind, "judge")
