@@ -59,6 +59,9 @@ class NSPOConfig(GRPOConfig):
         nspo_projector_path (`str` or `None`):
             Projector cache directory: loaded if it exists (and must match this model, data and rule),
             otherwise built and written there.
+        nspo_push_projector (`bool`, defaults to `False`):
+            `push_to_hub` also uploads `nspo_projector/` (its size is stated in the model card; up to
+            ~19 GiB for Qwen2.5-7B's MLPs). By default only the model, tokenizer and card are uploaded.
     """
 
     nspo_target_modules: list[str] = field(
@@ -97,6 +100,9 @@ class NSPOConfig(GRPOConfig):
     )
     nspo_projector_path: str | None = field(
         default=None, metadata={"help": "Projector cache directory (loaded if present, else written)."}
+    )
+    nspo_push_projector: bool = field(
+        default=False, metadata={"help": "push_to_hub also uploads nspo_projector/ (large: sized in the card)."}
     )
 
     def __post_init__(self) -> None:

@@ -259,7 +259,7 @@ def build_trainer(
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
     preservation = load_preservation(script_args, training_args, model_path)
     check_layout(preservation, "preservation_dataset_name")  # every row, before the trainer writes anything
-    return NSPOTrainer(
+    trainer = NSPOTrainer(
         model=model_path,
         reward_funcs=[resolve_reward(name, script_args) for name in script_args.reward_funcs],
         args=training_args,
@@ -269,6 +269,28 @@ def build_trainer(
         peft_config=get_peft_config(model_args),
         callbacks=callbacks,
     )
+    trainer.card_details = card_details(script_args, model_args, len(train_dataset), len(preservation))
+    return trainer
+
+
+def card_details(
+    script_args: NSPOScriptArguments, model_args: ModelConfig, num_prompts: int, num_preservation: int
+) -> dict[str, str]:
+    """The model card's description of the run: base model, data, reward and judge, as the recipe names them."""
+    details = {}
+    if not script_args.build_tiny_model and not Path(model_args.model_name_or_path).is_dir():
+        details["base model"] = model_args.model_name_or_path  # a Hub id, even when loaded from a local conversion
+    fraction = f", {script_args.train_fraction:g} of its unique prompts" if script_args.train_fraction != 1 else ""
+    details["safety training data"] = (
+        f"`{script_args.dataset_name}` [{script_args.dataset_train_split}]{fraction}: {num_prompts} prompts"
+    )
+    judges = [name for name in script_args.reward_funcs if name in JUDGES]
+    details["reward"] = ", ".join(f"`{name}`" for name in script_args.reward_funcs)
+    if judges:
+        details["reward"] += f" (judge `{script_args.judge_model}`)"
+    answered = ", answered by the reference model" if script_args.generate_preservation_responses else ""
+    details["preservation data"] = f"`{script_args.preservation_dataset_name}`: {num_preservation} examples{answered}"
+    return details
 
 
 def heldout_summary(script_args: NSPOScriptArguments, trainer: NSPOTrainer) -> HeldoutSummary | None:

@@ -33,6 +33,8 @@ from nspo_trl.preservation import iter_batches, sequences_digest, split_heldout,
 
 logger = logging.getLogger(__name__)
 
+EVAL_REPORT = "eval/report.md"  # written by nspo-trl eval --output_dir <output_dir>/eval; quoted in the card
+
 
 class NSPOTrainer(GRPOTrainer):
     """GRPO whose updates to protected layers stay in the null space of preservation activations.
@@ -111,6 +113,8 @@ class NSPOTrainer(GRPOTrainer):
         self._state_digests: dict | None = None  # digests of output_dir/_nspo_state once written (main)
         self._grad_null_fraction: float | None = None
         self._last_leakage: dict[str, dict[str, float]] | None = None
+        # rows of the model card's NSPO section (nspo-trl train adds the base model, data, reward and judge)
+        self.card_details: dict[str, str] = {"reward": ", ".join(self.reward_func_names)}
         self.add_callback(_NSPOCallback(self))
         self.projector.save(Path(args.output_dir) / "nspo_projector")
         if self.accelerator.is_main_process:
@@ -316,20 +320,80 @@ class NSPOTrainer(GRPOTrainer):
             logs.update(self.nspo_metrics())
         super().log(logs, start_time)
 
-    # ------------------------------------------------------------------ model card
+    # ------------------------------------------------------------------ model card and the Hub
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs) -> None:
-        """TRL's card (tags ``trl``/``grpo``/``nspo``, NSPO and GRPO citations) plus an NSPO section:
-        settings, leakage at save time and the projector per input group."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
+        """TRL's card (tags ``trl``/``grpo``/``nspo``, NSPO and GRPO citations) plus an NSPO section.
+
+        The base model is ``card_details["base model"]`` when set (``nspo-trl train`` sets the Hub id
+        even when the model was loaded from a local conversion), else what TRL finds; a model loaded
+        from a local folder is called that instead of TRL's "[None]". ``dataset_name`` links to the Hub
+        only when it is a Hub id; bundled and local sets are named in the NSPO section.
+        """
+        config = self.accelerator.unwrap_model(self.model).config
+        local_name = config._name_or_path
+        base = self.card_details.get("base model")
+        if dataset_name and (":" in dataset_name or Path(dataset_name).exists()):
+            dataset_name = None  # nspo_trl:<name> or a local file: no Hub page to link
+        config._name_or_path = base or local_name
+        try:
+            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
+        finally:
+            config._name_or_path = local_name
         readme = Path(self.args.output_dir) / "README.md"
         if self.is_world_process_zero() and readme.is_file():
-            readme.write_text(readme.read_text().rstrip() + "\n\n" + self.nspo_card_section() + "\n")
+            text = readme.read_text().replace(
+                "a fine-tuned version of [None](https://huggingface.co/None)",
+                f"a fine-tuned version of a local model (`{Path(local_name).name}`)",
+            )
+            readme.write_text(text.rstrip() + "\n\n" + self.nspo_card_section() + "\n")
 
     def nspo_card_section(self) -> str:
         """The model card's NSPO section (see :func:`nspo_trl.model_card.nspo_card_section`)."""
         if self._last_leakage is None and self.accelerator.num_processes == 1:
             self.leakage()
-        return nspo_card_section(self.args, self.projector, len(self.protected_layers), self._last_leakage or {})
+        output = Path(self.args.output_dir)
+        projector_files = [f for f in (output / "nspo_projector").rglob("*") if f.is_file()]
+        report = output / EVAL_REPORT
+        return nspo_card_section(
+            self.args,
+            self.projector,
+            len(self.protected_layers),
+            self._last_leakage or {},
+            details=self.card_details,
+            projector_bytes=sum(f.stat().st_size for f in projector_files) if projector_files else None,
+            eval_report=report.read_text() if report.is_file() else None,
+        )
+
+    def hub_ignore_patterns(self) -> list[str]:
+        """What ``push_to_hub`` leaves out of ``output_dir`` besides TRL's ``_*`` and ``checkpoint-*``: every
+        folder except ``nspo_projector/`` (only with ``nspo_push_projector``) and ``eval/`` (the report in
+        the card), so local folders such as a tiny model built inside ``output_dir`` never reach the Hub."""
+        keep = {"eval"} | ({"nspo_projector"} if self.args.nspo_push_projector else set())
+        output = Path(self.args.output_dir)
+        folders = sorted(p.name for p in output.iterdir() if p.is_dir()) if output.is_dir() else []
+        return [f"{name}/*" for name in folders if name not in keep]
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
+        """``Trainer.push_to_hub``, uploading the model, tokenizer, card and ``nspo_summary.json`` only
+        (see :meth:`hub_ignore_patterns`)."""
+        import transformers.trainer as hf_trainer
+
+        ignore = self.hub_ignore_patterns() if self.is_world_process_zero() else []
+        original = hf_trainer.hf_api
+
+        class _Api:  # transformers hard-codes its ignore patterns; add ours at the one call that uploads
+            def __getattr__(self, name):
+                return getattr(original(), name)
+
+            def upload_folder(self, **upload):
+                upload["ignore_patterns"] = [*(upload.get("ignore_patterns") or []), *ignore]
+                return original().upload_folder(**upload)
+
+        hf_trainer.hf_api = _Api
+        try:
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
+        finally:
+            hf_trainer.hf_api = original
 
     # ------------------------------------------------------------------ checkpoints
     def projector_identity(self) -> dict:
