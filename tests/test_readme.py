@@ -1,0 +1,214 @@
+"""Every code block of the README is run, so the README cannot drift from the code.
+
+- Python blocks run as written, at tiny scale: ``NSPOConfig`` gets CPU/one-step overrides, the Hub
+  model id maps to the tiny local model, the two Hub data sets to small stand-ins in their schemas,
+  and the Llama Guard URL to a local judge server.
+- Shell blocks: each command as written; long jobs (a 7B recipe, the 25-minute SmolLM2 run) get
+  ``--dry-run``, ``--accelerate_config`` is checked at accelerate's launch call, ``nspo-trl eval`` is
+  parsed, the install commands name files and extras that exist, and ``vllm serve`` (an external server)
+  is the one command not run.
+- Printed outputs are compared with what the code prints now (the plan exactly, the summary line by form).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import datasets
+import pytest
+import yaml
+from guard_server import GuardServer
+
+import nspo_trl
+from nspo_trl import cli
+from nspo_trl.model_card import NSPO_CITATION
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+BLOCKS = re.findall(r"^```(\w*)\n(.*?)^```$", README, flags=re.S | re.M)
+
+
+def blocks(language: str, containing: str) -> list[str]:
+    found = [body for lang, body in BLOCKS if lang == language and containing in body]
+    assert found, f"no {language or 'output'} block with {containing!r} in the README"
+    return found
+
+
+def commands(body: str) -> list[str]:
+    """Shell commands of a block: continuation lines joined, comments removed."""
+    text = body.replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in text.splitlines() if line.strip()]
+
+
+HANDLED = {
+    ("bash", "python3 -m venv"), ("bash", "pytest -q"), ("", "max leakage"), ("python", "NSPOConfig("),
+    ("python", "class MyTrainer"), ("bash", "nspo-trl recipes"), ("bash", "nspo-trl train smollm2_cpu"),
+    ("", "plan for Qwen/Qwen2.5-7B-Instruct"), ("bash", "vllm serve"), ("python", "reward = LlamaGuardReward("),
+    ("bash", "nspo-trl eval"), ("", "mutants killed"), ("bibtex", "@inproceedings"),
+}  # fmt: skip
+
+
+def test_every_block_is_handled_by_a_test_here():
+    """A new README block without a check in this file fails here."""
+    for lang, body in BLOCKS:
+        assert [key for key in HANDLED if key[0] == lang and key[1] in body], f"unhandled {lang} block:\n{body}"
+    assert len(BLOCKS) == len(HANDLED)
+
+
+def test_setup_commands(tmp_path, capsys):
+    """The install names real files and extras; the main job runs (2 steps) and prints the README's line."""
+    (install,) = blocks("bash", "python3 -m venv")
+    steps = [part.strip() for part in install.split("&&")]
+    assert steps[0] == "python3 -m venv .venv"
+    setup = (REPO / "setup.cfg").read_text()
+    for step in steps[1:-1]:
+        for constraint in re.findall(r"-c (\S+)", step):
+            assert (REPO / constraint).is_file(), constraint
+        for extras in re.findall(r'"\.\[([\w,]+)\]"', step):
+            assert all(f"\n{extra} =" in setup for extra in extras.split(",")), extras
+    assert steps[-1] == ".venv/bin/nspo-trl train"
+    (tests,) = blocks("bash", "pytest -q")
+    assert tests.strip() in (REPO / ".ci" / "run").read_text()  # the README's test command is what CI runs
+
+    import os
+
+    os.chdir(tmp_path)
+    try:
+        assert cli.main(["train", "--max_steps", "2", "--output_dir", "out"]) == 0
+    finally:
+        os.chdir(REPO)
+    printed = capsys.readouterr().out
+    (example,) = blocks("", "max leakage")
+    form = (
+        r"steps \d+ in [\d.]+ s \| reward -?[\d.]+ -> -?[\d.]+ \| max leakage ‖ΔW X‖/‖W_ref X‖: fit \S+, heldout \S+"
+    )
+    assert re.fullmatch(form, example.strip()), example
+    assert re.search(form, " ".join(printed.split())), printed[-2000:]
+
+
+def hub_stand_in(name: str, split: str = "train", **kwargs) -> datasets.Dataset:
+    """Small data sets in the schemas of the two Hub sets the README's example loads."""
+    if name == "PKU-Alignment/PKU-SafeRLHF":
+        rows = nspo_trl.data.load_named_dataset("nspo_trl:safety_prompts")
+        texts = [p[0]["content"] for p in rows["prompt"]]
+        return datasets.Dataset.from_dict({"prompt": texts, "is_response_0_safe": [not h for h in rows["is_harmful"]],
+                                           "is_response_1_safe": [True] * len(texts)})  # fmt: skip
+    if name == "tatsu-lab/alpaca":
+        columns = {"instruction": ["Add 2 and 3.", "Name a colour.", "Say hi."], "input": ["", "", "in French"],
+                   "output": ["5", "Blue", "Salut"]}  # fmt: skip
+        return datasets.Dataset.from_dict({name: values * 4 for name, values in columns.items()})
+    raise AssertionError(f"the README loads {name!r}: give it a stand-in here")
+
+
+@pytest.fixture
+def tiny_scale(tiny_model_dir, tmp_path, monkeypatch):
+    """The README's Python as written, on the tiny model, one step on the CPU, a local judge."""
+    real_config, real_trainer = nspo_trl.NSPOConfig, nspo_trl.NSPOTrainer
+
+    def config(**fields):
+        fields.update(output_dir=str(tmp_path / fields["output_dir"]), max_steps=1, use_cpu=True, report_to="none",
+                      per_device_train_batch_size=fields.get("num_generations", 2), max_completion_length=6,
+                      nspo_preservation_max_length=32, save_strategy="no")  # fmt: skip
+        return real_config(**fields)
+
+    class Trainer(real_trainer):
+        def __init__(self, model, *args, **kwargs):
+            assert model == "Qwen/Qwen2.5-7B-Instruct"
+            super().__init__(tiny_model_dir, *args, **kwargs)
+
+    monkeypatch.setattr(nspo_trl, "NSPOConfig", config)
+    monkeypatch.setattr(nspo_trl, "NSPOTrainer", Trainer)
+    monkeypatch.setattr(datasets, "load_dataset", hub_stand_in)
+    with GuardServer() as server:
+        yield server
+
+
+def run_python(body: str, namespace: dict, server) -> dict:
+    exec(compile(body.replace("http://127.0.0.1:8000/v1", server.base_url), "README.md", "exec"), namespace)
+    return namespace
+
+
+def test_python_example_and_subclass(tiny_scale, capsys):
+    (example,) = blocks("python", "NSPOConfig(")
+    namespace = run_python(example, {}, tiny_scale)
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 1 and trainer.args.nspo_alpha == 5e-5
+    assert "'null_dim'" in capsys.readouterr().out  # the printed projector statistics
+    (subclass,) = blocks("python", "class MyTrainer")
+    run_python(subclass, namespace, tiny_scale)
+    mine = namespace["MyTrainer"](
+        "Qwen/Qwen2.5-7B-Instruct", reward_funcs=trainer.reward_funcs, args=trainer.args,
+        train_dataset=trainer.train_dataset, preservation_dataset=namespace["preservation_pairs"](
+            namespace["alpaca"], "instruction", "output", "input"),
+    )  # fmt: skip
+    mine.train()
+    assert mine.projector.stats() == trainer.projector.stats()
+
+
+def test_judge_example(tiny_scale):
+    (example,) = blocks("python", "reward = LlamaGuardReward(")
+    reward = run_python(example, {}, tiny_scale)["reward"]
+    assert reward.model == "meta-llama/Llama-Guard-3-8B"
+
+
+def test_shell_commands(monkeypatch, capsys):
+    """Each ``nspo-trl`` command of the README, in this process (long jobs as --dry-run)."""
+    import accelerate.commands.launch as launch
+
+    launched = []
+    monkeypatch.setattr(launch, "launch_command", launched.append)
+    monkeypatch.chdir(REPO)
+    lines = [c for key in ("nspo-trl recipes", "nspo-trl train smollm2_cpu", "nspo-trl train qwen7b --reward")
+             for body in blocks("bash", key) for c in commands(body)]  # fmt: skip
+    ran = 0
+    for argv in lines:
+        if argv[0] == "vllm":
+            continue  # the judge server: external, started by the user
+        assert Path(argv[0]).name == "nspo-trl", argv
+        args = argv[1:]
+        if args[0] == "train" and "--dry-run" not in args and "--accelerate_config" not in args:
+            args.append("--dry-run")
+        assert cli.main(args) == 0, (argv, capsys.readouterr().err[-500:])
+        ran += 1
+    assert ran >= 8 and len(launched) == 1 and launched[0].training_script_args == ["qwen7b"]
+
+
+def test_eval_command_parses():
+    from nspo_trl.arguments import RecipeParser
+    from nspo_trl.eval.cli import EvalArguments
+
+    (body,) = blocks("bash", "nspo-trl eval")
+    (argv,) = commands(body)
+    assert argv[:2] == ["nspo-trl", "eval"]
+    (args,) = RecipeParser([EvalArguments]).parse_args_and_config(args=argv[2:])
+    assert args.model == "out/qwen7b-nspo" and args.judge == "llama_guard"
+
+
+def test_plan_output_is_what_plan_prints(capsys):
+    (printed,) = blocks("", "plan for Qwen/Qwen2.5-7B-Instruct")
+    command = re.search(r"`(nspo-trl plan [^`]+)`", README).group(1)
+    assert cli.main(shlex.split(command)[1:]) == 0
+    assert capsys.readouterr().out.strip() == printed.strip()
+
+
+def test_mutation_output_names_the_current_mutants():
+    from mutation_check import MUTANTS
+
+    (printed,) = blocks("", "mutants killed")
+    names = [line.split("s  ", 1)[1] for line in printed.splitlines() if line.startswith(("KILLED", "SURVIVED"))]
+    assert names == [m.name for m in MUTANTS]
+    assert f"{len(MUTANTS)} of {len(MUTANTS)} mutants killed" in printed
+
+
+def test_citation_is_the_one_the_model_card_uses():
+    (bibtex,) = blocks("bibtex", "@inproceedings")
+    assert bibtex.split() == NSPO_CITATION.split()
+
+
+def test_recipe_table_lists_every_shipped_recipe():
+    from nspo_trl.packaged import shipped_recipes
+
+    assert all(f"| `{name}` |" in README for name in shipped_recipes())
+    assert yaml.safe_load("a: 1") == {"a": 1}
