@@ -110,12 +110,20 @@ def test_offline_report_matches_a_hand_count(tiny_model_dir, tmp_path, capsys):
     assert model["capability"]["nspo_mmlu_fixture"]["acc,none"] == pytest.approx(
         multiple_choice_accuracy(tiny_model_dir)
     )
-    # the same checkpoint as its own reference: no drift at all
-    assert report["drift"]["kl_max"] == pytest.approx(0.0, abs=1e-9)
-    assert report["drift"]["leakage_max"] == 0.0 and report["drift"]["top1_agreement"] == 1.0
+    # the same checkpoint as its own reference: no drift at all, on the fit set and the held-out one
+    assert (
+        set(report["drift"]) == {"fit", "heldout"} and report["drift"]["heldout"]["set"] == "nspo_trl:general_prompts"
+    )
+    for split in report["drift"].values():
+        assert split["kl_max"] == pytest.approx(0.0, abs=1e-9)
+        assert split["leakage_max"] == 0.0 and split["top1_agreement"] == 1.0
 
     md = (out / "report.md").read_text()
-    assert f"| jailbreakbench | 4 | {model['safety']['jailbreakbench']['unsafe_rate']:.4f} |" in md
+    rate = model["safety"]["jailbreakbench"]["unsafe_rate"]
+    assert f"| jailbreakbench | 4 | {rate:.3f} ± {(rate * (1 - rate) / 4) ** 0.5:.3f} |" in md  # binomial error
+    accuracy = model["capability"]["nspo_mmlu_fixture"]["acc,none"]
+    assert f"| nspo_mmlu_fixture | accuracy | {accuracy:.3f} ± " in md  # plain name, lm-eval's stderr
+    assert "sample_len" not in md and "acc,none" not in md and "| held-out | `nspo_trl:general_prompts` |" in md
     for png in ("layers.png", "safety_vs_capability.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -188,7 +196,8 @@ def test_drift_is_zero_for_full_nspo_and_not_for_grpo(tiny_model_dir, tokenizer,
         code = cli(["--model", path, "--reference", tiny_model_dir, "--suite", "drift", "--output_dir", str(out),
                     "--general_set", str(general_file), "--general_max_length", "14"])  # fmt: skip
         assert code == 0, capsys.readouterr().err
-        drift[name] = json.loads((out / "report.json").read_text())["drift"]
+        drift[name] = json.loads((out / "report.json").read_text())["drift"]["fit"]
+        assert "heldout" in json.loads((out / "report.json").read_text())["drift"]
     nspo, grpo = drift["nspo"], drift["grpo"]
     assert nspo["tokens"] == grpo["tokens"] > 40
     assert nspo["kl_max"] <= 1e-8 and nspo["logprob_drift_max"] <= 1e-4 and nspo["leakage_max"] <= 1e-5
@@ -197,3 +206,58 @@ def test_drift_is_zero_for_full_nspo_and_not_for_grpo(tiny_model_dir, tokenizer,
     # the NSPO checkpoint carries its projector: the report shows each layer's null dimension
     assert all(v["null_dim"] is not None for v in nspo["layers"].values())
     assert all(v["null_dim"] is None for v in grpo["layers"].values())
+    assert all(v["protected"] for v in nspo["layers"].values()) and not any(
+        v["protected"] for v in grpo["layers"].values()
+    )
+    report = (tmp_path / "eval_grpo" / "report.md").read_text()
+    assert "the checkpoint has no projector, so no layer was constrained" in report
+
+
+def test_plain_metric_names_and_errors():
+    from nspo_trl.eval.report import plain_metric, rate_with_error
+
+    assert plain_metric("acc,none") == "accuracy"
+    assert plain_metric("exact_match,strict-match") == "exact match (strict match)"
+    assert plain_metric("acc_stderr,none") is None and plain_metric("sample_len,none") is None
+    assert plain_metric("alias") is None
+    assert rate_with_error(0.25, 100) == "0.250 ± 0.043" and rate_with_error(0.5, 1) == "0.5000"
+
+
+def test_drift_interpretation_reads_the_numbers():
+    from nspo_trl.eval.report import drift_interpretation
+
+    layers = {"a": {"leakage": 1e-4, "protected": True}, "b": {"leakage": 0.3, "protected": False}}
+    drift = {"fit": {"kl_mean": 1e-4, "layers": layers}, "heldout": {"kl_mean": 5e-4, "layers": layers}}
+    text = drift_interpretation(drift)
+    assert text.startswith("At 0.0005 nats per token on held-out general data the outputs stayed close")
+    assert "held-out KL is 5.0× the fit KL: the null space holds the data it was built from better" in text
+    assert "protected layers leak at most 0.0001 and unprotected ones up to 0.3: the drift comes mainly" in text
+    drift["heldout"]["kl_mean"] = 1.5e-4
+    assert "new general inputs fare as the fit data does" in drift_interpretation(drift)
+    drift["heldout"]["kl_mean"], layers["a"]["leakage"] = 2.0, 0.2
+    text = drift_interpretation(drift)
+    assert "the outputs changed substantially" in text and "the null space misses part of these inputs" in text
+
+
+def test_layer_heatmap_grid_scales_to_7b(tmp_path):
+    """Qwen2.5-7B's 196 protected linears (28 blocks × 7) plus lm_head: a 29 × 8 grid, not 197 bars."""
+    from nspo_trl.eval.report import layer_grid, plot_layers
+
+    kinds = [("self_attn", p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+        ("mlp", p) for p in ("gate_proj", "up_proj", "down_proj")
+    ]
+    layers = {
+        f"model.layers.{i}.{block}.{kind}": {"leakage": 10.0 ** -(i % 5), "in_features": 3584,
+                                            "null_dim": 100 * (i + 1), "protected": True}
+        for i in range(28) for block, kind in kinds
+    }  # fmt: skip
+    layers["lm_head"] = {"leakage": 0.5, "in_features": 3584, "null_dim": None, "protected": False}
+    rows, columns, grid = layer_grid(layers, lambda v: v["leakage"])
+    assert len(rows) == 29 and columns == [*(k for _, k in kinds), "lm_head"] and rows[-1] == "other"
+    assert grid[3][columns.index("down_proj")] == 1e-3
+    report = {"drift": {"heldout": {"set": "nspo_trl:general_prompts", "layers": layers}}}
+    (png,) = plot_layers(report, tmp_path)
+    from PIL import Image
+
+    width, height = Image.open(png).size
+    assert width <= 1200 and height <= 1700  # readable on a screen, unlike 8274 px of bars

@@ -53,7 +53,14 @@ class EvalArguments:
     capability_limit: int | None = field(default=None, metadata={"help": "lm-eval: examples per task."})
     capability_include_path: str | None = field(default=None, metadata={"help": "lm-eval: extra task YAML dir."})
     capability_backend: str = field(default="auto", metadata={"help": "lm-eval model backend: hf, vllm or auto."})
-    general_set: str = field(default="nspo_trl:preservation", metadata={"help": "Drift data (preservation layouts)."})
+    general_set: str = field(
+        default="nspo_trl:preservation",
+        metadata={"help": "Drift, fit: the preservation data the projector was built from (preservation layouts)."},
+    )
+    heldout_general_set: str | None = field(
+        default="nspo_trl:general_prompts",
+        metadata={"help": "Drift, held out: general data the projector never saw (none: fit only)."},
+    )
     general_max_length: int = field(default=512, metadata={"help": "Drift: tokens per example."})
     general_samples: int | None = field(default=None, metadata={"help": "Drift: seeded subset of the general set."})
     drift_targets: str = field(default="full", metadata={"help": "Drift: layers whose leakage is reported."})
@@ -158,11 +165,18 @@ def _drift(args: EvalArguments) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.reference)
     reference = AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32).to(device)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
-    general = seeded_subset(load_named_dataset(args.general_set), args.general_samples, args.seed)
-    sequences = tokenize_preservation(general, tokenizer, args.general_max_length)
     targets = [t.strip() for t in args.drift_targets.split(",") if t.strip()]
     projector = Path(args.model) / "nspo_projector"
-    return drift_report(model, reference, sequences, tokenizer.pad_token_id, targets, args.batch_size, projector)
+    sets = {"fit": ("general_set", args.general_set), "heldout": ("heldout_general_set", args.heldout_general_set)}
+    out = {}
+    for split, (field_name, name) in sets.items():
+        if not name:
+            continue
+        general = seeded_subset(load_named_dataset(name, field=field_name), args.general_samples, args.seed)
+        sequences = tokenize_preservation(general, tokenizer, args.general_max_length)
+        report = drift_report(model, reference, sequences, tokenizer.pad_token_id, targets, args.batch_size, projector)
+        out[split] = {"set": name, **report}
+    return out
 
 
 def cli(argv: list[str] | None = None, prog: str = "python -m nspo_trl.eval") -> int:

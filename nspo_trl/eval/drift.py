@@ -12,9 +12,11 @@ and for every protected linear (``targets``, default the ``full`` preset), with 
 
     leakage = ‖X (W − W_ref)ᵀ‖_F / ‖X W_refᵀ‖_F
 
-which NSPO keeps ≈ 0 on its preservation data. Log-probabilities are taken in float64: in float32 the
-rounding of ``log_softmax`` alone gives KL values around 1e-7. The projector's null dimension per layer is read
-from ``MODEL/nspo_projector/projector.json`` when the checkpoint carries one.
+which NSPO keeps ≈ 0 on its preservation data; ``protected`` marks the layers the checkpoint's
+projector constrains (the others moved freely, e.g. attention under the ``mlp`` preset).
+Log-probabilities are taken in float64: in float32 the rounding of ``log_softmax`` alone gives KL
+values around 1e-7. The projector's null dimension per layer is read from
+``MODEL/nspo_projector/projector.json`` when the checkpoint carries one.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def drift_report(
             "leakage": (moved / base) ** 0.5 if base > 0 else float("nan"),
             "in_features": layers[name].in_features,
             "null_dim": null_dims.get(name),
+            "protected": name in null_dims,  # constrained by the checkpoint's projector
         }
         for name, (moved, base) in sums.items()
     }
