@@ -59,6 +59,10 @@ class NSPOConfig(GRPOConfig):
         nspo_projector_path (`str` or `None`):
             Projector cache directory: loaded if it exists (and must match this model, data and rule),
             otherwise built and written there.
+        nspo_eigh_on_cpu (`bool`, defaults to `False`):
+            Eigendecompose each owned group's `C` on the CPU: the float64 `eigh` workspace
+            (`(4n² + 6n + 1)·8` bytes, 11.5 GB for n = 18944) then lives in host RAM instead of on the
+            GPU, at the price of a slower build (LAPACK on the host instead of cuSOLVER).
         nspo_push_projector (`bool`, defaults to `False`):
             `push_to_hub` also uploads `nspo_projector/` (its size is stated in the model card; up to
             ~19 GiB for Qwen2.5-7B's MLPs). By default only the model, tokenizer and card are uploaded.
@@ -100,6 +104,9 @@ class NSPOConfig(GRPOConfig):
     )
     nspo_projector_path: str | None = field(
         default=None, metadata={"help": "Projector cache directory (loaded if present, else written)."}
+    )
+    nspo_eigh_on_cpu: bool = field(
+        default=False, metadata={"help": "Eigendecompose C on the CPU (no GPU eigh workspace; slower build)."}
     )
     nspo_push_projector: bool = field(
         default=False, metadata={"help": "push_to_hub also uploads nspo_projector/ (large: sized in the card)."}

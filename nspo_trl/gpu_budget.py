@@ -9,7 +9,8 @@ processes, ``G`` the GPU's memory):
                        embeddings or ``lm_head``: ``2·V·h``
     covariances        the largest pass of ``nspo_build_memory_gb`` (``plan.memory_plan``)
     eigh workspace     float64 ``eigh`` of the rank's widest owned group ``n``: a copy of ``C``, the
-                       eigenvectors and LAPACK ``syevd``'s ``1 + 6n + 2n²`` words: ``(4n² + 6n + 1)·8``
+                       eigenvectors and LAPACK ``syevd``'s ``1 + 6n + 2n²`` words: ``(4n² + 6n + 1)·8``;
+                       0 with ``nspo_eigh_on_cpu`` (then host RAM: ``eigh_host_bytes``)
     forward            preservation batch ``b_p × s_p`` tokens: bf16 logits ``·V·2`` and one MLP's
                        intermediates ``·(2f + 4h)·2``
     NSPO state         ``W_ref`` + projector bases owned by the rank (``plan.memory_plan``)
@@ -79,6 +80,7 @@ class Launch:
     vllm_colocate: bool
     vllm_sleep: bool
     vllm_utilization: float
+    eigh_on_cpu: bool = False
 
 
 def gpu_budget(config: dict, launch: Launch, nspo: dict) -> dict[str, dict[str, int]]:
@@ -101,7 +103,7 @@ def gpu_budget(config: dict, launch: Launch, nspo: dict) -> dict[str, dict[str, 
         "model shard": 2 * params // n if launch.backend == "zero3" else params * launch.weight_bytes,
         "gathered module": 2 * vocab * h if launch.backend == "zero3" else 0,
         "covariances": nspo["covariances_build"],
-        "eigh workspace": (4 * widest * widest + 6 * widest + 1) * 8,
+        "eigh workspace": 0 if launch.eigh_on_cpu else eigh_host_bytes(widest),
         "forward": launch.preservation_batch * launch.preservation_length * (vocab * 2 + (2 * f + 4 * h) * 2),
         "NSPO state": nspo_state,
         "vLLM": vllm_idle,
@@ -123,6 +125,11 @@ def gpu_budget(config: dict, launch: Launch, nspo: dict) -> dict[str, dict[str, 
         "vLLM": vllm_idle,
     }
     return {"build": build, "generation": generation, "training": training}
+
+
+def eigh_host_bytes(n: int) -> int:
+    """Float64 ``eigh`` of an ``n × n`` covariance: its copy, the eigenvectors and ``syevd``'s workspace."""
+    return (4 * n * n + 6 * n + 1) * 8
 
 
 def verdict(budget: dict[str, dict[str, int]], gpu_memory_gb: float) -> list[str]:

@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from nspo_trl.arguments import parse
-from nspo_trl.gpu_budget import GB, Launch, gpu_budget, verdict
+from nspo_trl.gpu_budget import GB, Launch, eigh_host_bytes, gpu_budget, verdict
 from nspo_trl.nullspace.collect import covariance_chunks
 from nspo_trl.nullspace.sharding import assign_owners, group_costs, rank_loads
 from nspo_trl.nullspace.targets import expand_patterns
@@ -192,8 +192,12 @@ def plan_report(
         vllm_colocate=bool(training_args.use_vllm and training_args.vllm_mode == "colocate"),
         vllm_sleep=bool(training_args.vllm_enable_sleep_mode),
         vllm_utilization=training_args.vllm_gpu_memory_utilization,
+        eigh_on_cpu=training_args.nspo_eigh_on_cpu,
     )
     budget = gpu_budget(config, launch, plan)
+    if training_args.nspo_eigh_on_cpu:
+        host = eigh_host_bytes(plan["widest_owned_group"]) / GB
+        out.append(f"  eigh on the CPU (nspo_eigh_on_cpu): {host:.1f} GB of host RAM per process, not on the GPU")
     out.append(f"  per-GPU budget ({gpu_memory_gb:g} GB GPU; GB = 1e9 bytes):")
     for phase, terms in budget.items():
         cells = ", ".join(f"{term} {value / GB:.1f}" for term, value in terms.items() if value)

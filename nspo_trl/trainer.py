@@ -188,7 +188,10 @@ class NSPOTrainer(GRPOTrainer):
             # decompose on the owner at once, so a rank never holds more than one pass of covariances
             owned = list(stats.covariances)
             for group in tqdm(owned, desc="NSPO eigendecompositions", disable=not self.accelerator.is_main_process):
-                local[group] = SubspaceFactor.from_covariance(stats.covariances.pop(group), args.nullspace_rule)
+                covariance = stats.covariances.pop(group)
+                if args.nspo_eigh_on_cpu:  # the float64 copy and LAPACK workspace in host RAM, not on the GPU
+                    covariance = covariance.cpu()
+                local[group] = SubspaceFactor.from_covariance(covariance, args.nullspace_rule)
             fit_samples.update(stats.samples)
             fit_tokens = max(fit_tokens, *stats.token_counts.values())
         probes = {"fit": fit_samples}
