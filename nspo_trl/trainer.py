@@ -30,6 +30,7 @@ from nspo_trl.nullspace.sharding import assign_owners, check_agreement, group_co
 from nspo_trl.nullspace.targets import ProtectedLayer, resolve_protected_layers
 from nspo_trl.nullspace.update import ConstrainedUpdate
 from nspo_trl.preservation import iter_batches, sequences_digest, split_heldout, tokenize_preservation
+from nspo_trl.vllm_sync import use_vllm_reload
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class NSPOTrainer(GRPOTrainer):
         super().__init__(
             model, reward_funcs, args, train_dataset, eval_dataset, processing_class, *grpo_args, **kwargs
         )
+        if args.use_vllm and use_vllm_reload(self.vllm_generation):
+            logger.info("vLLM repacks its weights on this platform: weights are synced with vLLM's reload_weights")
         if self.is_fsdp_enabled:
             raise NotImplementedError(
                 "NSPOTrainer: FSDP is not supported; launch with a DeepSpeed ZeRO-3 config instead "
