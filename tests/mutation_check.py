@@ -144,12 +144,35 @@ MUTANTS = [
         "        if False:\n            self.trainer.project_updates()",
         ("tests/test_trainer.py::test_mlp_targets_twenty_steps_leak_nothing",),
     ),
+    Mutant(
+        "push_to_hub uploads the projector without nspo_push_projector",
+        "nspo_trl/trainer.py",
+        '({"nspo_projector"} if self.args.nspo_push_projector else set())',
+        '{"nspo_projector"}',
+        ("tests/test_hub.py::test_push_to_hub_sends_the_model_and_card_only",),
+    ),
+    Mutant(
+        "--dry-run printed by every rank of a launch",
+        "nspo_trl/train.py",
+        'if int(os.environ.get("RANK", "0")) != 0:',
+        "if False:",
+        ("tests/test_recipes.py::test_dry_run_prints_once_per_launch",),
+    ),
+    Mutant(
+        "safety_mix trains without the benign-but-alarming prompts",
+        "nspo_trl/data.py",
+        '            (_bundled("overrefusal_train_prompts"), "overrefusal"),\n',
+        "",
+        ("tests/test_safety_sets.py::test_safety_mix_trains_on_alarming_benign_prompts_and_tests_on_others",),
+    ),
 ]
 
 
 def copy_tree(destination: Path) -> None:
-    for name in ("nspo_trl", "tests", "recipes", "accelerate_configs"):
+    for name in ("nspo_trl", "tests"):
         shutil.copytree(ROOT / name, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("recipes", "accelerate_configs"):  # links into the package, as in the repository
+        (destination / name).symlink_to(os.readlink(ROOT / name))
     for name in ("setup.cfg", "pyproject.toml"):
         shutil.copy2(ROOT / name, destination / name)
 
