@@ -43,7 +43,7 @@ def commands(body: str) -> list[str]:
 
 
 HANDLED = {
-    ("bash", "python3 -m venv"), ("bash", "pytest -q"), ("", "max leakage"), ("python", "NSPOConfig("),
+    ("bash", "python3 -m venv .venv && "), ("bash", "pytest -q"), ("", "max leakage"), ("python", "NSPOConfig("),
     ("python", "class MyTrainer"), ("bash", "nspo-trl recipes"), ("bash", "nspo-trl train smollm2_cpu"),
     ("", "plan for Qwen/Qwen2.5-7B-Instruct"), ("bash", "vllm serve"), ("python", "reward = LlamaGuardReward("),
     ("bash", "nspo-trl eval"), ("", "mutants killed"), ("bibtex", "@inproceedings"), ("bash", ".venv-vllm"),
@@ -59,7 +59,7 @@ def test_every_block_is_handled_by_a_test_here():
 
 def test_setup_commands(tmp_path, capsys):
     """The install names real files and extras; the main job runs (2 steps) and prints the README's line."""
-    (install,) = blocks("bash", "python3 -m venv")
+    (install,) = blocks("bash", "python3 -m venv .venv && ")
     steps = [part.strip() for part in install.split("&&")]
     assert steps[0] == "python3 -m venv .venv"
     setup = (REPO / "setup.cfg").read_text()
