@@ -9,13 +9,15 @@ mean of the later steps.
 
     .venv-vllm/bin/python benchmarks/vllm_generation.py --steps 4
 
-On vLLM's CPU backend TRL's ``LLM`` serves the float32 model in bfloat16 (vLLM's own choice for
-``dtype="auto"``); training stays in float32.
+vLLM's CPU backend sizes its KV cache as ``vllm_gpu_memory_utilization`` × RAM minus what the
+process already holds (the trainer), hence 0.4 here. TRL's ``LLM`` there serves the float32 model in
+bfloat16 (vLLM's own choice for ``dtype="auto"``); training stays in float32.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import tempfile
@@ -50,13 +52,15 @@ class StepClock(TrainerCallback):
 def timed_run(recipe: Path, use_vllm: bool, steps: int, projector: Path, output: Path) -> list[float]:
     overrides = ["--max_steps", str(steps), "--output_dir", str(output), "--nspo_projector_path", str(projector),
                  "--use_vllm", str(use_vllm).lower(), "--vllm_mode", "colocate", "--logging_steps", "1",
-                 "--vllm_gpu_memory_utilization", "0.1", "--vllm_max_model_length", "512"]  # fmt: skip
+                 "--vllm_gpu_memory_utilization", "0.4", "--vllm_max_model_length", "512"]  # fmt: skip
     script_args, training_args, model_args = parse([str(recipe), *overrides])
     clock = StepClock()
     trainer = build_trainer(script_args, training_args, model_args, callbacks=[clock])
     trainer.train()
     if use_vllm:
         trainer.vllm_generation.llm = None  # free its KV cache before anything else runs
+    del trainer
+    gc.collect()  # vLLM's CPU backend sizes its KV cache from what this process leaves free
     return clock.seconds
 
 
@@ -64,11 +68,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default=ROOT / "recipes" / "smollm2_cpu.yaml", type=Path)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--projector", type=Path, default=None, help="projector cache (default: a temporary one)")
     args = parser.parse_args()
     import vllm
 
     with tempfile.TemporaryDirectory() as tmp:
-        projector = Path(tmp) / "projector"
+        projector = args.projector or Path(tmp) / "projector"
         times = {}
         for name, use_vllm in (("transformers", False), ("vLLM colocate", True)):
             times[name] = timed_run(args.recipe, use_vllm, args.steps, projector, Path(tmp) / name.split()[0])
