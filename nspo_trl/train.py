@@ -273,6 +273,14 @@ def build_trainer(
     return trainer
 
 
+def describe_reward(script_args: NSPOScriptArguments, quote: str = "") -> str:
+    """The recipe's rewards by name, and the judge model when one of them is a judge (for the card and --dry-run)."""
+    text = ", ".join(f"{quote}{name}{quote}" for name in script_args.reward_funcs)
+    if any(name in JUDGES for name in script_args.reward_funcs):
+        text += f" (judge {quote}{script_args.judge_model}{quote})"
+    return text
+
+
 def card_details(
     script_args: NSPOScriptArguments, model_args: ModelConfig, num_prompts: int, num_preservation: int
 ) -> dict[str, str]:
@@ -284,10 +292,7 @@ def card_details(
     details["safety training data"] = (
         f"`{script_args.dataset_name}` [{script_args.dataset_train_split}]{fraction}: {num_prompts} prompts"
     )
-    judges = [name for name in script_args.reward_funcs if name in JUDGES]
-    details["reward"] = ", ".join(f"`{name}`" for name in script_args.reward_funcs)
-    if judges:
-        details["reward"] += f" (judge `{script_args.judge_model}`)"
+    details["reward"] = describe_reward(script_args, quote="`")
     answered = ", answered by the reference model" if script_args.generate_preservation_responses else ""
     details["preservation data"] = f"`{script_args.preservation_dataset_name}`: {num_preservation} examples{answered}"
     return details
@@ -347,7 +352,6 @@ def deciding_settings(
 ) -> list[tuple[str, str]]:
     """``(what, value)`` for every setting that decides what a run does, whether or not it is a default."""
     batch = effective_batch(training_args, num_processes)
-    judge = [n for n in script_args.reward_funcs if n in JUDGES]
     data = f"{script_args.dataset_name} [{script_args.dataset_train_split}]"
     if script_args.train_fraction != 1.0 or script_args.harmful_only:
         data += f", fraction {script_args.train_fraction:g}" + (", harmful only" if script_args.harmful_only else "")
@@ -366,10 +370,7 @@ def deciding_settings(
             f"{', LoRA r=' + str(model_args.lora_r) if model_args.use_peft else ''})",
         ),
         ("training prompts", data),
-        (
-            "reward",
-            ", ".join(script_args.reward_funcs) + (f" (judge {script_args.judge_model})" if judge else ""),
-        ),
+        ("reward", describe_reward(script_args)),
         ("learning rate", f"{training_args.learning_rate:g} ({training_args.lr_scheduler_type.value}), {length}"),
         (
             "global batch",

@@ -192,3 +192,16 @@ def test_dry_run_prints_once_per_launch(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("global batch") == 1 and result.stdout.count("plan for") == 1
     assert "x 2 process(es)" in result.stdout
+
+
+def test_reward_description_names_the_judge_only_for_a_judge(monkeypatch):
+    """The card and --dry-run describe rewards the same way: the judge model appears only with a judge."""
+    from nspo_trl.arguments import parse
+    from nspo_trl.train import card_details, describe_reward
+
+    monkeypatch.chdir(REPO)
+    qwen = parse(["recipes/qwen7b.yaml", "--dry-run"])
+    assert describe_reward(qwen[0]) == "llama_guard (judge meta-llama/Llama-Guard-3-8B)"
+    assert card_details(qwen[0], qwen[2], 10, 5)["reward"] == "`llama_guard` (judge `meta-llama/Llama-Guard-3-8B`)"
+    smoke = parse(["recipes/smoke.yaml", "--dry-run"])
+    assert describe_reward(smoke[0]) == "refusal"
