@@ -63,6 +63,11 @@ class NSPOConfig(GRPOConfig):
             Eigendecompose each owned group's `C` on the CPU: the float64 `eigh` workspace
             (`(4n² + 6n + 1)·8` bytes, 11.5 GB for n = 18944) then lives in host RAM instead of on the
             GPU, at the price of a slower build (LAPACK on the host instead of cuSOLVER).
+        nspo_projector_offload (`bool`, defaults to `False`):
+            Keep the projector bases in host RAM; each group's basis is copied to the weights' device when
+            it is applied (once per protected layer and projection), then freed. The GPU then holds at most
+            one basis (`n · min(k, n − k) · 4` bytes) instead of all owned ones (up to 19.4 GiB for
+            Qwen2.5-7B's MLPs on one GPU), at the price of that host-to-GPU copy every projection step.
         nspo_push_projector (`bool`, defaults to `False`):
             `push_to_hub` also uploads `nspo_projector/` (its size is stated in the model card; up to
             ~19 GiB for Qwen2.5-7B's MLPs). By default only the model, tokenizer and card are uploaded.
@@ -107,6 +112,10 @@ class NSPOConfig(GRPOConfig):
     )
     nspo_eigh_on_cpu: bool = field(
         default=False, metadata={"help": "Eigendecompose C on the CPU (no GPU eigh workspace; slower build)."}
+    )
+    nspo_projector_offload: bool = field(
+        default=False,
+        metadata={"help": "Keep projector bases in host RAM and copy each to the GPU only while it is applied."},
     )
     nspo_push_projector: bool = field(
         default=False, metadata={"help": "push_to_hub also uploads nspo_projector/ (large: sized in the card)."}

@@ -13,7 +13,8 @@ processes, ``G`` the GPU's memory):
                        0 with ``nspo_eigh_on_cpu`` (then host RAM: ``eigh_host_bytes``)
     forward            preservation batch ``b_p × s_p`` tokens: bf16 logits ``·V·2`` and one MLP's
                        intermediates ``·(2f + 4h)·2``
-    NSPO state         ``W_ref`` + projector bases owned by the rank (``plan.memory_plan``)
+    NSPO state         ``W_ref`` + projector bases owned by the rank (``plan.memory_plan``); with
+                       ``nspo_projector_offload`` the bases are in host RAM and only ``W_ref`` counts
     vLLM               colocated and awake: ``vllm_gpu_memory_utilization · G``; asleep (sleep mode,
                        which TRL enters right after start-up) or a server elsewhere: 0
 **generation** (vLLM colocated generates; the training state stays resident):
@@ -27,7 +28,8 @@ processes, ``G`` the GPU's memory):
                        checkpointing ``L·T·h·2 + T·a`` (saved layer inputs + one recomputed layer),
                        without ``L·T·a``
     logits             ``T·V·6`` (bf16 logits and their fp32 log-softmax)
-    projection         the widest protected weight gathered in fp32 with its anchor and delta: ``3·m·n·4``
+    projection         the widest protected weight gathered in fp32 with its anchor and delta: ``3·m·n·4``;
+                       with ``nspo_projector_offload`` also the widest basis copied in: ``n·⌊n/2⌋·4``
     vLLM               colocated without sleep mode: ``utilization · G``; otherwise 0
 
 Each phase totals its terms; a phase over ``G`` does not fit, and its largest term is named.
@@ -81,6 +83,7 @@ class Launch:
     vllm_sleep: bool
     vllm_utilization: float
     eigh_on_cpu: bool = False
+    projector_offload: bool = False
 
 
 def gpu_budget(config: dict, launch: Launch, nspo: dict) -> dict[str, dict[str, int]]:
@@ -94,10 +97,11 @@ def gpu_budget(config: dict, launch: Launch, nspo: dict) -> dict[str, dict[str, 
         state = params * launch.weight_bytes
     else:
         state = {"zero3": 16 * params // n, "zero2": 2 * params + 14 * params // n, "ddp": 16 * params}[launch.backend]
-    nspo_state = nspo["w_ref"] + nspo["projector_max"]
+    nspo_state = nspo["w_ref"] + (0 if launch.projector_offload else nspo["projector_max"])
     vllm_awake = int(launch.vllm_utilization * g) if launch.vllm_colocate else 0
     vllm_idle = vllm_awake if not launch.vllm_sleep else 0
     widest = nspo["widest_owned_group"]
+    streamed_basis = widest * (widest // 2) * 4 if launch.projector_offload else 0
 
     build = {
         "model shard": 2 * params // n if launch.backend == "zero3" else params * launch.weight_bytes,
@@ -121,7 +125,7 @@ def gpu_budget(config: dict, launch: Launch, nspo: dict) -> dict[str, dict[str, 
         "live parameters": 2 * min(params, DEEPSPEED_MAX_LIVE_PARAMETERS) if launch.backend == "zero3" else 0,
         "activations": activations,
         "logits": tokens * vocab * 6,
-        "projection": 3 * nspo["widest_weight"] * 4,
+        "projection": 3 * nspo["widest_weight"] * 4 + streamed_basis,
         "vLLM": vllm_idle,
     }
     return {"build": build, "generation": generation, "training": training}

@@ -193,11 +193,16 @@ def plan_report(
         vllm_sleep=bool(training_args.vllm_enable_sleep_mode),
         vllm_utilization=training_args.vllm_gpu_memory_utilization,
         eigh_on_cpu=training_args.nspo_eigh_on_cpu,
+        projector_offload=training_args.nspo_projector_offload,
     )
     budget = gpu_budget(config, launch, plan)
     if training_args.nspo_eigh_on_cpu:
         host = eigh_host_bytes(plan["widest_owned_group"]) / GB
         out.append(f"  eigh on the CPU (nspo_eigh_on_cpu): {host:.1f} GB of host RAM per process, not on the GPU")
+    if training_args.nspo_projector_offload:
+        offloaded = plan["projector_max"] / GB
+        out.append(f"  projector in host RAM (nspo_projector_offload): {offloaded:.1f} GB per process at most, each "
+              "basis copied to the GPU while applied (that much host-to-GPU traffic per projection)")  # fmt: skip
     out.append(f"  per-GPU budget ({gpu_memory_gb:g} GB GPU; GB = 1e9 bytes):")
     for phase, terms in budget.items():
         cells = ", ".join(f"{term} {value / GB:.1f}" for term, value in terms.items() if value)

@@ -106,8 +106,7 @@ class NSPOTrainer(GRPOTrainer):
                 "set it to false (the weight projection alone is exact) or launch without DeepSpeed."
             )
         self.protected_layers: list[ProtectedLayer] = resolve_protected_layers(self.model, args.nspo_target_modules)
-        device = self.protected_layers[0].linear.weight.device
-        self.projector: NullSpaceProjector = self.build_projector(preservation_dataset).to(device)
+        self.projector: NullSpaceProjector = self.build_projector(preservation_dataset).to(self.projector_device())
         zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
         access = parameter_access(zero_stage)
         self.constrained_update = ConstrainedUpdate(self.protected_layers, self.projector, access)
@@ -194,7 +193,8 @@ class NSPOTrainer(GRPOTrainer):
                 covariance = stats.covariances.pop(group)
                 if args.nspo_eigh_on_cpu:  # the float64 copy and LAPACK workspace in host RAM, not on the GPU
                     covariance = covariance.cpu()
-                local[group] = SubspaceFactor.from_covariance(covariance, args.nullspace_rule)
+                factor = SubspaceFactor.from_covariance(covariance, args.nullspace_rule)
+                local[group] = factor.to(self.projector_device())  # offloaded at once: GPU holds one basis at most
             fit_samples.update(stats.samples)
             fit_tokens = max(fit_tokens, *stats.token_counts.values())
         probes = {"fit": fit_samples}
@@ -260,8 +260,14 @@ class NSPOTrainer(GRPOTrainer):
         groups = NullSpaceProjector.read_groups(directory)
         if set(groups) != {layer.name for layer in self.protected_layers}:
             raise ValueError(f"{directory}: the projector protects other layers than nspo_target_modules.")
-        device = self.protected_layers[0].linear.weight.device
-        return NullSpaceProjector.load(directory, device=device, owners=self.group_owners(groups))
+        return NullSpaceProjector.load(directory, device=self.projector_device(), owners=self.group_owners(groups))
+
+    def projector_device(self) -> torch.device:
+        """Where the projector bases live: with the protected weights, or in host RAM with
+        ``nspo_projector_offload`` (``SubspaceFactor.apply`` then copies one basis at a time to the weights)."""
+        if self.args.nspo_projector_offload:
+            return torch.device("cpu")
+        return self.protected_layers[0].linear.weight.device
 
     def _freeze_unconstrainable(self) -> None:
         """Freeze what the projection cannot keep in the null space (nothing when it is disabled)."""

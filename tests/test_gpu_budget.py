@@ -73,6 +73,27 @@ def test_qwen7b_on_eight_80gb_gpus_every_term(capsys):
     assert on_gpu["build"]["eigh workspace"] == gb((4 * widest**2 + 6 * widest + 1) * 8) == 11.5
 
 
+def test_qwen7b_lora_on_one_80gb_gpu_every_term(capsys):
+    """One GPU owns every group: its bases (<= n·n/2·4 bytes each) sit in host RAM (nspo_projector_offload)."""
+    phases, fits = budget_lines(capsys, "qwen7b_lora", 1)
+    gb = lambda value: round(value / GB, 1)  # noqa: E731
+    bases = L * (F * (F // 2) * 4 + H * (H // 2) * 4)  # down_proj's and gate/up's input group per layer
+    assert gb(bases) == 20.8
+    assert phases["build"] == {
+        "model shard": gb(2 * PARAMS),  # the bf16 base, whole on its one GPU
+        "covariances": gb(F * F * 4 + 3 * H * H * 4),
+        "forward": gb(8 * 512 * (V * 2 + (2 * F + 4 * H) * 2)),
+    }  # no NSPO state: LoRA keeps no W_ref and the bases are offloaded; vLLM asleep; eigh on the CPU
+    assert sum(phases["build"].values()) - phases["build"]["model shard"] <= 8 * 2**30 / GB
+    assert phases["generation"] == {"training state": gb(2 * PARAMS), "vLLM": gb(0.4 * 80 * GB)}
+    assert phases["training"]["projection"] == gb(3 * F * H * 4 + F * (F // 2) * 4)  # plus one streamed basis
+    assert "NSPO state" not in phases["training"] and fits
+    # the bases on the GPU instead: all of them, in every phase
+    resident, _ = budget_lines(capsys, "qwen7b_lora", 1, 80.0, "--nspo_projector_offload", "false")
+    assert resident["build"]["NSPO state"] == resident["training"]["NSPO state"] == gb(bases)
+    assert resident["training"]["projection"] == gb(3 * F * H * 4)
+
+
 def test_a_budget_that_overflows_names_the_phase_and_term(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     assert plan_main(["recipes/qwen7b.yaml", "--num-processes", "8", "--gpu-memory", "24"]) == 3

@@ -198,8 +198,9 @@ def test_disabled_projection_equals_grpo_trainer(
     assert not torch.equal(initial.lm_head.weight, nspo.model.lm_head.weight.cpu())
 
 
+@pytest.mark.parametrize("offload", [False, True])
 def test_lora_update_stays_in_null_space(
-    tiny_model_dir, tokenizer, safety_prompts, preservation_small, preservation_sequences, tmp_path
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, preservation_sequences, tmp_path, offload
 ):
     from peft import LoraConfig
 
@@ -218,7 +219,7 @@ def test_lora_update_stays_in_null_space(
         tokenizer,
         safety_prompts,
         preservation_small,
-        nspo_args(tmp_path, max_steps=12, learning_rate=5e-2),
+        nspo_args(tmp_path, max_steps=12, learning_rate=5e-2, nspo_projector_offload=offload),
         peft_config=peft_config,
     )
     assert {layer.name for layer in trainer.protected_layers} == set(names)  # q_proj adapter stays free
@@ -228,6 +229,17 @@ def test_lora_update_stays_in_null_space(
         base = reference.get_submodule(layer.name).weight
         assert delta.norm() / base.norm() > 1e-4, f"{layer.name}: LoRA did not train"
         assert leakage(base + delta, base, x[layer.name]) <= 1e-6, layer.name
+
+
+def test_offloaded_projector_lives_in_host_ram_whatever_the_weights_device():
+    """nspo_projector_offload keeps the bases on the CPU even when the weights are on an accelerator."""
+    from types import SimpleNamespace
+
+    weight = SimpleNamespace(device=torch.device("cuda", 3))
+    trainer = SimpleNamespace(protected_layers=[SimpleNamespace(linear=SimpleNamespace(weight=weight))])
+    for offload, expected in ((True, torch.device("cpu")), (False, torch.device("cuda", 3))):
+        trainer.args = SimpleNamespace(nspo_projector_offload=offload)
+        assert NSPOTrainer.projector_device(trainer) == expected
 
 
 def test_dora_is_rejected(tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path):
