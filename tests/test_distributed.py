@@ -74,6 +74,7 @@ def run(command: list[str], output: Path) -> dict:
 
 def single_run(model_dir: str, output: Path, *flags: str) -> tuple[dict, dict[str, torch.Tensor]]:
     result = run([sys.executable, str(RUN), "--model", model_dir, "--output", str(output), *flags], output)
+    result["projector"] = NullSpaceProjector.load(output / "nspo_projector")
     return result, load_file(str(output / "final.safetensors"))
 
 
@@ -99,8 +100,22 @@ def test_two_processes_match_one_and_leak_nothing(backend, single, preservation_
     output = tmp_path / "out"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     save = ["--save"] if backend == "zero3" else []
-    result = run([*launch, str(RUN), "--model", tiny_model_dir, "--output", str(output), *save], output)
+    # a build budget of one down_proj covariance (float64): one pass per group instead of the single run's one pass
+    widest = json.loads((Path(tiny_model_dir) / "config.json").read_text())["intermediate_size"]
+    budget = widest * widest * 8
+    flags = [*save, "--build-memory-gb", str(budget / 2**30)]
+    result = run([*launch, str(RUN), "--model", tiny_model_dir, "--output", str(output), *flags], output)
     final = load_file(str(output / "final.safetensors"))
+
+    # each rank's measured peak of covariance held stays within the budget; the single run held every group at once
+    assert len(result["build_peak_bytes"]) == 2 and all(0 < peak <= budget for peak in result["build_peak_bytes"])
+    assert single_result["build_peak_bytes"][0] > 2 * budget
+    # and the projector is the single process's, built in one pass on the same data
+    projector = NullSpaceProjector.load(output / "nspo_projector")
+    for group, expected in single_result["projector"].factors.items():
+        built = projector.factors[group]
+        assert (built.null_dim, built.kind) == (expected.null_dim, expected.kind), group
+        torch.testing.assert_close(built.dense(), expected.dense(), rtol=0, atol=1e-5, msg=group)
 
     assert result["world_size"] == 2
     assert result["zero_stage"] == {"ddp": None, "zero2": 2, "zero3": 3, "zero3_persistent": 3}[backend]

@@ -3,7 +3,9 @@
 Launched as a plain script (one process) or by ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3);
 ``test_distributed.py`` compares the results. Rank 0 writes ``final.safetensors`` (every module
 parameter, gathered) and, under DeepSpeed, ``master.safetensors`` (the optimizer's fp32 master of
-every protected weight), plus ``result.json`` (world size, backend, the trainer's leakage).
+every protected weight), plus ``result.json`` (world size, backend, the trainer's leakage, and each
+rank's peak bytes of covariance held while the projector was built, measured by an instrumented
+collector).
 
 Rollouts: TRL samples with each rank's own RNG stream, so a 2-rank run would see other
 completions than a 1-rank run. Here sampling is Gumbel-max with noise seeded by a hash of the
@@ -28,7 +30,9 @@ from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 from nspo_trl import NSPOConfig, NSPOTrainer
 from nspo_trl.data import load_named_dataset
+from nspo_trl.nullspace import collect
 from nspo_trl.nullspace.access import gathered
+from nspo_trl.nullspace.sharding import all_gather_objects
 
 NUM_GENERATIONS = 4
 GLOBAL_BATCH = 8  # two prompts × four completions per step, whatever the number of ranks
@@ -57,6 +61,36 @@ def length_reward(completions, **kwargs) -> list[float]:
     return [len(c[-1]["content"] if isinstance(c, list) else c) / 10 for c in completions]
 
 
+class CovarianceMeter:
+    """This rank's peak bytes of covariance held at once, over every collector of the build.
+
+    Measured after each accumulation and after each reduction to the owners (where non-owners drop theirs).
+    """
+
+    def __init__(self) -> None:
+        self.live: list[collect.CovarianceCollector] = []
+        self.peak = 0
+        accumulate, reduce = collect.CovarianceCollector._accumulate, collect.CovarianceCollector.reduce_to_owners
+        meter = self
+
+        def metered_accumulate(collector, name, x):
+            accumulate(collector, name, x)
+            meter.measure(collector)
+
+        def metered_reduce(collector, owners):
+            reduce(collector, owners)
+            meter.measure(collector)
+
+        collect.CovarianceCollector._accumulate = metered_accumulate
+        collect.CovarianceCollector.reduce_to_owners = metered_reduce
+
+    def measure(self, collector: collect.CovarianceCollector) -> None:
+        if collector not in self.live:
+            self.live.append(collector)
+        held = sum(c.element_size() * c.numel() for col in self.live for c in col.covariances.values())
+        self.peak = max(self.peak, held)
+
+
 def lora_config():
     from peft import LoraConfig
 
@@ -73,7 +107,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--save", action="store_true", help="checkpoint at the last step (NSPO state per rank)")
     parser.add_argument("--lora", action="store_true", help=f"train LoRA adapters (r={LORA_RANK}) on the MLP")
+    parser.add_argument("--build-memory-gb", type=float, default=8.0, help="nspo_build_memory_gb")
     cli = parser.parse_args()
+    meter = CovarianceMeter()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tokenizer = AutoTokenizer.from_pretrained(cli.model)
@@ -102,6 +138,7 @@ def main() -> None:
         nspo_heldout_fraction=0.0,
         # 3 examples one per batch: rank 0 runs 2 forwards, rank 1 one and an idle one (ZeRO-3 gathers in step)
         nspo_preservation_batch_size=1,
+        nspo_build_memory_gb=cli.build_memory_gb,
     )
     trainer = NSPOTrainer(
         model=cli.model,
@@ -121,6 +158,7 @@ def main() -> None:
     persistent = getattr(weight, "ds_persist", None)  # ZeRO-3: kept whole on every rank during steps
 
     leakage = trainer.leakage()
+    build_peaks = all_gather_objects(meter.peak)
     main_process = trainer.accelerator.is_main_process
     final: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
@@ -149,6 +187,7 @@ def main() -> None:
             "persistent": persistent,
             "leakage": leakage,
             "owners": trainer.projector.owners,
+            "build_peak_bytes": build_peaks,
             "rewards": [e["reward"] for e in trainer.state.log_history if "reward" in e],
         }
         (out / "result.json").write_text(json.dumps(result, indent=2))
