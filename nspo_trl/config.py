@@ -168,6 +168,12 @@ class NSPOConfig(GRPOConfig):
         for ok, name, requirement in checks:
             if not ok:
                 raise ValueError(f"{name} {requirement}, got {getattr(self, name)!r}.")
+        if self.use_cpu and self.use_vllm and self.vllm_mode == "colocate" and self.vllm_enable_sleep_mode:
+            # vLLM itself would stop later, after loading, with "Sleep mode is not supported on current platform."
+            raise ValueError(
+                "vllm_enable_sleep_mode: vLLM's sleep mode needs a CUDA, ROCm or XPU GPU, not use_cpu; "
+                "set it to false."
+            )
         projector_path = Path(self.nspo_projector_path) if self.nspo_projector_path else None
         if projector_path is not None and projector_path.exists() and not projector_path.is_dir():
             raise ValueError(

@@ -61,6 +61,10 @@ def test_default_recipe_is_the_smoke_recipe():
         (["--heldout_harmful_dataset", "nspo_trl:harmbench"], "heldout_general_dataset"),
         (["--heldout_general_dataset", "nspo_trl:general_prompts"], "heldout_general_dataset"),
         (["--heldout_max_new_tokens", "0"], "heldout_max_new_tokens"),
+        (["--nspo_build_memory_gb", "0"], "nspo_build_memory_gb"),
+        (["--nspo_build_memory_gb", "nan"], "nspo_build_memory_gb"),
+        (["--nspo_projector_offload", "maybe"], "nspo_projector_offload"),
+        (["--use_vllm", "true", "--vllm_enable_sleep_mode", "true"], "vllm_enable_sleep_mode"),  # colocate, CPU
         (["--model_name_or_path", "someone/absent-model", "--build_tiny_model", "false"], "model_name_or_path"),
     ],
 )

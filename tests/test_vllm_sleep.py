@@ -116,6 +116,7 @@ def test_build_runs_while_vllm_sleeps_and_every_generation_uses_projected_weight
         vllm_mode="colocate",
         vllm_enable_sleep_mode=sleep,
         vllm_importance_sampling_correction=False,
+        use_cpu=False,  # NSPOConfig refuses sleep mode with use_cpu (real vLLM has none there); no GPU: CPU anyway
     )
     trainer = make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation_small, args, length_reward)
     llm = fake_vllm.instance
