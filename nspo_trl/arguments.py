@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from nspo_trl.config import NSPOConfig
+from nspo_trl.config import NSPOConfig, check_vllm_sleep_mode
 from nspo_trl.packaged import RECIPES_DIR, recipe_path
 from nspo_trl.recipe import check_paths, check_recipe_fields, load_recipe
 from nspo_trl.rewards import keyword_refusal_reward, refusal_prefix_reward, refusal_reward
@@ -198,5 +198,6 @@ def parse(argv: list[str], prog: str | None = None) -> tuple[NSPOScriptArguments
     script_args, training_args, model_args = make_parser(prog).parse_args_and_config(args=argv)
     if simulated_cpu:
         training_args.use_cpu = False
+    check_vllm_sleep_mode(training_args)
     check_paths(script_args, model_args)
     return script_args, training_args, model_args

@@ -168,12 +168,6 @@ class NSPOConfig(GRPOConfig):
         for ok, name, requirement in checks:
             if not ok:
                 raise ValueError(f"{name} {requirement}, got {getattr(self, name)!r}.")
-        if self.use_cpu and self.use_vllm and self.vllm_mode == "colocate" and self.vllm_enable_sleep_mode:
-            # vLLM itself would stop later, after loading, with "Sleep mode is not supported on current platform."
-            raise ValueError(
-                "vllm_enable_sleep_mode: vLLM's sleep mode needs a CUDA, ROCm or XPU GPU, not use_cpu; "
-                "set it to false."
-            )
         projector_path = Path(self.nspo_projector_path) if self.nspo_projector_path else None
         if projector_path is not None and projector_path.exists() and not projector_path.is_dir():
             raise ValueError(
@@ -193,6 +187,16 @@ class NSPOConfig(GRPOConfig):
     def freezes_non_targets(self) -> bool:
         """The ``full`` preset freezes every parameter that is not a protected weight."""
         return "full" in self.nspo_target_modules
+
+
+def check_vllm_sleep_mode(args: GRPOConfig) -> None:
+    """Refuse colocated vLLM's sleep mode on the CPU, where vLLM has none: vLLM itself would stop only after
+    loading the model, with "Sleep mode is not supported on current platform."
+    """
+    if args.use_cpu and args.use_vllm and args.vllm_mode == "colocate" and args.vllm_enable_sleep_mode:
+        raise ValueError(
+            "vllm_enable_sleep_mode: vLLM's sleep mode needs a CUDA, ROCm or XPU GPU, not use_cpu; set it to false."
+        )
 
 
 def _check_output_dir(output_dir: str | None) -> None:

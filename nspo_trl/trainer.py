@@ -20,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 
 from nspo_trl import checkpoint as checkpointing
-from nspo_trl.config import NSPOConfig
+from nspo_trl.config import NSPOConfig, check_vllm_sleep_mode
 from nspo_trl.data import seeded_subset
 from nspo_trl.model_card import NSPO_CITATION, nspo_card_section
 from nspo_trl.nullspace.access import full_shape, gathered, gathered_one_module_at_a_time, parameter_access
@@ -83,6 +83,7 @@ class NSPOTrainer(GRPOTrainer):
             args = NSPOConfig(f"{str(name).split('/')[-1]}-NSPO")
         if not isinstance(args, NSPOConfig):
             raise TypeError(f"args: NSPOTrainer needs an NSPOConfig, got {type(args).__name__}.")
+        check_vllm_sleep_mode(args)  # before TRL starts vLLM
         cached = args.nspo_projector_path and Path(args.nspo_projector_path).is_dir()
         # token ids of the preservation examples that built C ("fit") and that only measure it ("heldout")
         self.preservation_sequences: dict[str, list[list[int]]] = {"fit": [], "heldout": []}

@@ -142,3 +142,13 @@ def test_build_runs_while_vllm_sleeps_and_every_generation_uses_projected_weight
     for served, held in zip(llm.generations, at_step_begin.seen, strict=True):
         for name in mlp:
             torch.testing.assert_close(served[f"{name}.weight"], held[name], rtol=0, atol=0)
+
+
+def test_sleep_mode_on_the_cpu_is_refused_before_vllm_starts(
+    fake_vllm, tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    fake_vllm.instance = None
+    args = nspo_args(tmp_path, max_steps=1, use_vllm=True, vllm_enable_sleep_mode=True, use_cpu=True)
+    with pytest.raises(ValueError, match=r"^vllm_enable_sleep_mode: .* set it to false\.$"):
+        make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation_small, args, length_reward)
+    assert fake_vllm.instance is None
