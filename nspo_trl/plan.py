@@ -218,8 +218,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m nspo_trl.plan") -
     import sys
 
     from nspo_trl.quiet import quiet_command_line
+    from nspo_trl.rendezvous import free_master_port
 
     quiet_command_line()
+    free_master_port()
     parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     parser.add_argument("recipe", help="a recipe: a shipped name (qwen7b) or a YAML path")
     parser.add_argument("--num-processes", type=int, default=1, help="data-parallel ranks (GPUs)")

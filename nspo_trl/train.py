@@ -43,6 +43,7 @@ from nspo_trl.model_source import cache_dir, resolve_model_path
 from nspo_trl.plan import plan_report, print_plan
 from nspo_trl.preservation import check_layout
 from nspo_trl.quiet import quiet_command_line
+from nspo_trl.rendezvous import free_master_port
 from nspo_trl.rewards import (
     JudgeError,
     LlamaGuardReward,
@@ -487,6 +488,7 @@ def describe_batch(script_args: NSPOScriptArguments, training_args: NSPOConfig, 
 def cli(argv: list[str] | None = None, prog: str = "python -m nspo_trl.train") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_command_line()
+    free_master_port()
     try:
         check_versions(("trl", "transformers", "deepspeed"))
         script_args, training_args, model_args = parse(sys.argv[1:] if argv is None else argv, prog=prog)

@@ -21,6 +21,7 @@ from nspo_trl.arguments import RecipeParser
 from nspo_trl.data import load_named_dataset, seeded_subset
 from nspo_trl.eval.prompt_sets import OVERREFUSAL_SETS, SAFETY_SETS, load_prompt_set, parse_set_specs
 from nspo_trl.quiet import quiet_command_line
+from nspo_trl.rendezvous import free_master_port
 from nspo_trl.rewards import JudgeError
 
 logger = logging.getLogger("nspo_trl.eval")
@@ -182,6 +183,7 @@ def _drift(args: EvalArguments) -> dict:
 def cli(argv: list[str] | None = None, prog: str = "python -m nspo_trl.eval") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_command_line()
+    free_master_port()
     try:
         parser = RecipeParser([EvalArguments], prog=prog)  # one-line errors, like nspo_trl.train
         (args,) = parser.parse_args_and_config(args=sys.argv[1:] if argv is None else argv)
