@@ -78,6 +78,10 @@ def length_reward(completions, **kwargs) -> list[float]:
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
+    # TRL's colocate start-up writes the rendezvous into os.environ (and accelerate then opens a process group on
+    # it): undone after the test, so later tests and their subprocesses do not inherit a bound port
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda *a, **k: True)
     monkeypatch.setattr(vllm_generation, "LLM", FakeLLM, raising=False)
     monkeypatch.setattr(vllm_generation, "SamplingParams", lambda **kw: SimpleNamespace(**kw), raising=False)
@@ -89,7 +93,9 @@ def fake_vllm(monkeypatch):
         return build(self, *args, **kwargs)
 
     monkeypatch.setattr(nspo_trainer.NSPOTrainer, "build_projector", recorded_build)
-    return FakeLLM
+    yield FakeLLM
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class WeightsAtStepBegin(TrainerCallback):
