@@ -22,6 +22,8 @@ from nspo_trl.tiny_model import build_tiny_model
 
 # trainer tests run on the GPU where there is one (CI: CPU)
 USE_CPU = not torch.cuda.is_available()
+# torch.distributed's rendezvous variables, which launchers (and TRL's colocated vLLM start-up) put in os.environ
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="session")

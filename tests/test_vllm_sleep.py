@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import trl.generation.vllm_generation as vllm_generation
-from conftest import capture_inputs, leakage, load_reference
+from conftest import RENDEZVOUS_VARIABLES, capture_inputs, leakage, load_reference
 from test_trainer import make_trainer, nspo_args
 from transformers import TrainerCallback
 
@@ -80,7 +80,7 @@ def length_reward(completions, **kwargs) -> list[float]:
 def fake_vllm(monkeypatch):
     # TRL's colocate start-up writes the rendezvous into os.environ (and accelerate then opens a process group on
     # it): undone after the test, so later tests and their subprocesses do not inherit a bound port
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for name in RENDEZVOUS_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda *a, **k: True)
     monkeypatch.setattr(vllm_generation, "LLM", FakeLLM, raising=False)

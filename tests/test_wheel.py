@@ -17,18 +17,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import RENDEZVOUS_VARIABLES
 
 from nspo_trl.packaged import shipped_accelerate_configs, shipped_recipes
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     # a user's shell: not this process's venv, nor the rendezvous an earlier in-process test left in os.environ
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", *RENDEZVOUS)}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", *RENDEZVOUS_VARIABLES)}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
