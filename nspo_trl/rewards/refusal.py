@@ -15,9 +15,10 @@ with a refusal but refuses nothing; the opening is where a refusal is decided. I
 for pipelines and tests, not a safety judge.
 
 :func:`keyword_refusal_reward` is the same rule with ``s ∈ {0, 1}`` (an explicit refusal phrase or
-not): the paper's reward shape with a keyword judge. It gives GRPO a signal only once some sampled
-completions refuse; SmolLM2-135M-Instruct refused in none of 48 samples at temperature 1, so its
-recipe uses the graded proxy.
+not): the paper's reward shape with a keyword judge, and no partial credit to climb. It gives GRPO a
+signal only where some sampled completions refuse: SmolLM2-135M-Instruct refuses 3 of 1128 samples
+on HarmBench's training prompts at temperature 1, but 44 of 960 on Do-Not-Answer's direct requests,
+so its recipe trains on those (``benchmarks/refusal_signal.py``).
 
 :func:`refusal_prefix_reward` grades the way *into* a refusal, not its resemblance to one: on a
 harmful prompt ``s`` is 1 for an explicit refusal and otherwise the longest common prefix of the
@@ -25,7 +26,10 @@ completion's opening with one of :data:`REFUSAL_OPENINGS`, as a share of that op
 Every partial credit is a prefix of a real refusal, so the only way up is towards refusing:
 "I can assist you in …" (what GRPO learned under the similarity proxy, scored ≈ 0.8 there) gets
 5/12 ("i can"), "I can't help" gets 1. On a benign prompt only an explicit refusal is penalised
-(``r = −refused``), so ordinary answers that open with "I" or "Sorry" cost nothing.
+(``r = −refused``), so ordinary answers that open with "I" or "Sorry" cost nothing. Its weak spot,
+measured: the prefix "I'm " is shared with "I'm sorry" and with most friendly openings, and 8 GRPO and
+NSPO runs of 9 on SmolLM2 learned "I'm here / ready / glad to help …" for 4/9 of the credit instead
+of refusing (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
