@@ -61,6 +61,13 @@ class NSPOScriptArguments(ScriptArguments):
     harmful_only: bool = field(
         default=False, metadata={"help": "Keep only training prompts labelled harmful ('is_harmful')."}
     )
+    harmful_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Rebalance the training prompts to this share of harmful ones (seeded; the larger side is "
+            "subsampled, the smaller kept whole), so a refusal reward's over-refusal penalty is not drowned out."
+        },
+    )
     preservation_dataset_name: str | None = field(
         default=None, metadata={"help": "General-task data for the null space (Hub id, local file, nspo_trl:<name>)."}
     )
@@ -120,6 +127,13 @@ class NSPOScriptArguments(ScriptArguments):
     def __post_init__(self) -> None:
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}; the paper uses 0.4.")
+        if self.harmful_fraction is not None and not (0.0 < self.harmful_fraction < 1.0):
+            raise ValueError(
+                f"harmful_fraction must lie strictly between 0 and 1, got {self.harmful_fraction}; "
+                "use harmful_only for 1, or leave it unset to keep the data's own mix."
+            )
+        if self.harmful_fraction is not None and self.harmful_only:
+            raise ValueError("harmful_fraction: cannot rebalance with harmful_only set; choose one.")
         if self.judge_mode not in ("probability", "threshold"):
             raise ValueError(f"judge_mode must be 'probability' or 'threshold', got {self.judge_mode!r}.")
         if bool(self.heldout_harmful_dataset) != bool(self.heldout_general_dataset):

@@ -29,6 +29,7 @@ from prompts answered by the reference model (:func:`generate_preservation_respo
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -56,6 +57,27 @@ def seeded_subset(dataset: Dataset, count: int | None, seed: int) -> Dataset:
     if count is None:
         return dataset
     return dataset.shuffle(seed=seed).select(range(min(count, len(dataset))))
+
+
+def rebalance(dataset: Dataset, harmful_fraction: float, seed: int) -> Dataset:
+    """The rows of ``dataset`` resampled so a share ``f = harmful_fraction`` of them is harmful (``is_harmful``).
+
+    With ``h`` harmful and ``b`` benign rows, the side in excess is subsampled (seeded, without replacement)
+    and the other kept whole: ``h' = min(h, round(b·f/(1−f)))``, ``b' = min(b, round(h·(1−f)/f))``. Row order:
+    shuffled with ``seed``.
+    """
+    harmful = [i for i, flag in enumerate(dataset["is_harmful"]) if flag]
+    benign = [i for i, flag in enumerate(dataset["is_harmful"]) if not flag]
+    if not harmful or not benign:
+        raise ValueError(
+            f"harmful_fraction: the training prompts are all {'benign' if not harmful else 'harmful'}; "
+            "there is nothing to rebalance."
+        )
+    keep_harmful = min(len(harmful), round(len(benign) * harmful_fraction / (1.0 - harmful_fraction)))
+    keep_benign = min(len(benign), round(len(harmful) * (1.0 - harmful_fraction) / harmful_fraction))
+    generator = random.Random(seed)
+    chosen = generator.sample(harmful, keep_harmful) + generator.sample(benign, keep_benign)
+    return dataset.select(sorted(chosen)).shuffle(seed=seed)
 
 
 def bundled_path(name: str) -> Path:

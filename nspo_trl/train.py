@@ -35,6 +35,7 @@ from nspo_trl.data import (
     load_named_dataset,
     pku_saferlhf_prompts,
     preservation_pairs,
+    rebalance,
     seeded_subset,
 )
 from nspo_trl.eval.tax import HeldoutSummary
@@ -90,15 +91,21 @@ def load_training_prompts(script_args: NSPOScriptArguments, seed: int):
             f"reward_funcs: {rule_based[0]} needs an 'is_harmful' column, which {script_args.dataset_name} lacks."
         )
     if is_pku_saferlhf(dataset):
-        return pku_saferlhf_prompts(dataset, script_args.train_fraction, seed, script_args.harmful_only)
-    if script_args.train_fraction != 1.0:
-        raise ValueError(
-            "train_fraction: only applies to PKU-SafeRLHF data; slice other data sets with a split like train[:40%]."
-        )
-    if script_args.harmful_only:
+        dataset = pku_saferlhf_prompts(dataset, script_args.train_fraction, seed, script_args.harmful_only)
+    else:
+        if script_args.train_fraction != 1.0:
+            raise ValueError(
+                "train_fraction: only applies to PKU-SafeRLHF data; slice other data sets with a split like "
+                "train[:40%]."
+            )
+        if script_args.harmful_only:
+            if "is_harmful" not in dataset.column_names:
+                raise ValueError(f"harmful_only: {script_args.dataset_name} has no 'is_harmful' column.")
+            dataset = dataset.filter(lambda example: bool(example["is_harmful"]))
+    if script_args.harmful_fraction is not None:
         if "is_harmful" not in dataset.column_names:
-            raise ValueError(f"harmful_only: {script_args.dataset_name} has no 'is_harmful' column.")
-        dataset = dataset.filter(lambda example: bool(example["is_harmful"]))
+            raise ValueError(f"harmful_fraction: {script_args.dataset_name} has no 'is_harmful' column.")
+        dataset = rebalance(dataset, script_args.harmful_fraction, seed)
     return dataset
 
 

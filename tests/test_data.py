@@ -14,6 +14,7 @@ from nspo_trl.data import (
     load_named_dataset,
     pku_saferlhf_prompts,
     preservation_pairs,
+    rebalance,
 )
 from nspo_trl.preservation import tokenize_preservation
 
@@ -113,3 +114,40 @@ def test_generated_responses_use_vllm_when_asked(monkeypatch):
     out = generate_preservation_responses(["a", "b"], "some/model", max_new_tokens=7, use_vllm=True)
     assert calls == {"model": "some/model", "params": {"temperature": 0.0, "max_tokens": 7}}
     assert [m[-1]["content"] for m in out["messages"]] == ["answer 0", "answer 1"]
+
+
+@pytest.mark.parametrize(
+    ("harmful", "benign", "fraction", "expected"),
+    [
+        (508, 80, 0.5, (80, 80)),  # Do-Not-Answer mix: the harmful side is subsampled
+        (508, 80, 0.8, (320, 80)),
+        (10, 80, 0.5, (10, 10)),  # the benign side is subsampled
+        (10, 80, 0.1, (9, 80)),  # round(80 · 0.1 / 0.9) = 9 of the 10 harmful
+        (30, 70, 0.3, (30, 70)),  # already at the share: everything is kept
+    ],
+)
+def test_rebalance_reaches_the_share_keeping_the_smaller_side_whole(harmful, benign, fraction, expected):
+    rows = Dataset.from_dict({"id": list(range(harmful + benign)), "is_harmful": [True] * harmful + [False] * benign})
+    balanced = rebalance(rows, fraction, seed=0)
+    kept = (sum(balanced["is_harmful"]), balanced["is_harmful"].count(False))
+    assert kept == expected
+    assert len(set(balanced["id"])) == len(balanced)  # without replacement
+    assert balanced["id"] == rebalance(rows, fraction, seed=0)["id"]  # seeded
+    assert set(balanced["id"]) != set(rebalance(rows, fraction, seed=1)["id"]) or kept == (harmful, benign)
+
+
+@pytest.mark.parametrize("flags", [[True] * 4, [False] * 4])
+def test_rebalance_refuses_one_sided_data(flags):
+    with pytest.raises(ValueError, match="harmful_fraction: the training prompts are all"):
+        rebalance(Dataset.from_dict({"is_harmful": flags}), 0.5, seed=0)
+
+
+def test_rebalance_of_a_set_without_labels_names_the_field(tmp_path):
+    from nspo_trl.arguments import NSPOScriptArguments
+    from nspo_trl.train import load_training_prompts
+
+    args = NSPOScriptArguments(
+        dataset_name="nspo_trl:general_prompts", reward_funcs=["mypackage:judge"], harmful_fraction=0.5
+    )
+    with pytest.raises(ValueError, match="harmful_fraction: nspo_trl:general_prompts has no 'is_harmful' column"):
+        load_training_prompts(args, seed=0)

@@ -64,6 +64,11 @@ def test_default_recipe_is_the_smoke_recipe():
         (["--nspo_build_memory_gb", "0"], "nspo_build_memory_gb"),
         (["--nspo_build_memory_gb", "nan"], "nspo_build_memory_gb"),
         (["--nspo_projector_offload", "maybe"], "nspo_projector_offload"),
+        (["--harmful_fraction", "0"], "harmful_fraction"),
+        (["--harmful_fraction", "1"], "harmful_fraction"),
+        (["--harmful_fraction", "1.5"], "harmful_fraction"),
+        (["--harmful_fraction", "nan"], "harmful_fraction"),
+        (["--harmful_fraction", "0.5", "--harmful_only", "true"], "harmful_fraction"),
         (["--use_vllm", "true", "--vllm_enable_sleep_mode", "true"], "vllm_enable_sleep_mode"),  # colocate, CPU
         (["--model_name_or_path", "someone/absent-model", "--build_tiny_model", "false"], "model_name_or_path"),
     ],
