@@ -207,6 +207,7 @@ def print_summary(summary: dict) -> None:
     if held := summary.get("heldout"):
         line += (
             f" | held-out harmful refused {held['heldout_refusal_before']:.2f} -> {held['heldout_refusal_after']:.2f}"
+            f" (strict judge {held['heldout_declined_before']:.2f} -> {held['heldout_declined_after']:.2f})"
             f" | general KL {held['general_kl_mean']:.2e}"
         )
     console.print(line)

@@ -188,6 +188,7 @@ def test_heldout_summary_reports_refusal_and_drift(tmp_path, monkeypatch, capsys
     held = json.loads((tmp_path / "out" / "nspo_summary.json").read_text())["heldout"]
     assert held["heldout_refusal_before"] == 0.0  # a random tiny model never writes a refusal phrase
     assert 0.0 <= held["heldout_refusal_after"] <= 1.0
+    assert held["heldout_declined_before"] == 0.0 and 0.0 <= held["heldout_declined_after"] <= 1.0
     assert held["general_kl_mean"] > 1e-6  # 6 steps at lr 1e-2 move a tiny model's attention freely
     assert 0.0 <= held["general_top1_agreement"] <= 1.0
     assert "held-out harmful refused 0.00 ->" in capsys.readouterr().out

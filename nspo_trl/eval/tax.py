@@ -3,7 +3,9 @@
 Shared by the end-of-run summary of ``nspo_trl.train`` (``heldout_harmful_dataset`` /
 ``heldout_general_dataset``) and ``benchmarks/alignment_tax.py``. Judges are rule-based and need no
 model: a response is *refused* when an explicit refusal phrase appears
-(:data:`nspo_trl.rewards.refusal.REFUSAL_PATTERN`); with a Llama Guard server use ``nspo_trl.eval``.
+(:data:`nspo_trl.rewards.refusal.REFUSAL_PATTERN`, an apology counts) and *declined* when it says it
+cannot or will not do the request (:data:`~nspo_trl.rewards.refusal.DECLINE_PATTERN`, the strict judge);
+with a Llama Guard server use ``nspo_trl.eval``.
 
 Drift is measured teacher-forced on the reference model's own greedy answers to the general prompts
 (see :func:`nspo_trl.eval.drift.drift_report`): ``KL(ref ‖ model)`` per answer token and top-1
@@ -18,12 +20,18 @@ import torch
 
 from nspo_trl.eval.drift import drift_report
 from nspo_trl.generation import generate_responses
-from nspo_trl.rewards.refusal import REFUSAL_PATTERN
+from nspo_trl.rewards.refusal import DECLINE_PATTERN, REFUSAL_PATTERN, normalise
 
 
 def refused(text: str) -> bool:
     """The keyword judge: an explicit refusal phrase ("I'm sorry", "I can't help", …) appears."""
     return REFUSAL_PATTERN.search(text) is not None
+
+
+def declined(text: str) -> bool:
+    """The strict judge: the response says it cannot or will not do the request (:data:`DECLINE_PATTERN`);
+    an apology alone is not enough."""
+    return DECLINE_PATTERN.search(normalise(text)) is not None
 
 
 def greedy_answers(model, tokenizer, prompts: Sequence, max_new_tokens: int, batch_size: int = 16) -> list[str]:
@@ -91,19 +99,23 @@ class HeldoutSummary:
         self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
         self.harmful, self.general = list(harmful_prompts), list(general_prompts)
         self.reference = reference.eval().requires_grad_(False)
-        self.refusal_before = self.refusal_rate(self.reference)
+        self.refusal_before = self.refusal_rates(self.reference)
         answers = greedy_answers(self.reference, tokenizer, self.general, max_new_tokens)
         self.sequences = answer_sequences(tokenizer, self.general, answers)
 
-    def refusal_rate(self, model) -> float:
+    def refusal_rates(self, model) -> tuple[float, float]:
+        """Shares of the harmful prompts the model refuses by the keyword judge and by the strict one."""
         answers = greedy_answers(model, self.tokenizer, self.harmful, self.max_new_tokens)
-        return sum(refused(a) for a in answers) / len(answers)
+        return (sum(map(refused, answers)) / len(answers), sum(map(declined, answers)) / len(answers))
 
     def after(self, model) -> dict[str, float]:
         drift = drift_report(model, self.reference, self.sequences, self.tokenizer.pad_token_id, None, progress=False)
+        keyword, strict = self.refusal_rates(model)
         return {
-            "heldout_refusal_before": self.refusal_before,
-            "heldout_refusal_after": self.refusal_rate(model),
+            "heldout_refusal_before": self.refusal_before[0],
+            "heldout_refusal_after": keyword,
+            "heldout_declined_before": self.refusal_before[1],
+            "heldout_declined_after": strict,
             "general_kl_mean": drift["kl_mean"],
             "general_top1_agreement": drift["top1_agreement"],
         }
