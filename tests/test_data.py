@@ -151,3 +151,14 @@ def test_rebalance_of_a_set_without_labels_names_the_field(tmp_path):
     )
     with pytest.raises(ValueError, match="harmful_fraction: nspo_trl:general_prompts has no 'is_harmful' column"):
         load_training_prompts(args, seed=0)
+
+
+def test_training_prompts_are_rebalanced_when_asked():
+    from nspo_trl.arguments import NSPOScriptArguments
+    from nspo_trl.train import load_training_prompts
+
+    as_is = load_training_prompts(NSPOScriptArguments(dataset_name="nspo_trl:safety_prompts"), seed=0)
+    assert (sum(as_is["is_harmful"]), as_is["is_harmful"].count(False)) == (32, 32)
+    args = NSPOScriptArguments(dataset_name="nspo_trl:safety_prompts", harmful_fraction=0.25)
+    rebalanced = load_training_prompts(args, seed=0)
+    assert (sum(rebalanced["is_harmful"]), rebalanced["is_harmful"].count(False)) == (11, 32)  # round(32/3)
