@@ -66,6 +66,8 @@ METHODS: dict[str, list[str]] = {
 }
 QUICK_HARMFUL, QUICK_ALARMING, QUICK_TOKENS = 24, 16, 24  # each quick evaluation along training
 TRANSFER_SET = "nspo_trl:harmbench"  # held-out HarmBench: long behaviours, unlike Do-Not-Answer's direct requests
+JUDGES = ("keyword", "strict")  # an apology counts as a refusal / only "I can't …, I won't …" does
+PATH_KEYS = {"keyword": ("unsafe_keyword", "overrefusal"), "strict": ("unsafe_strict", "overrefusal_strict")}
 KL_FLOOR = 1e-4  # the log axis starts here; smaller drifts (the untrained model's 0) are drawn on it
 LABELS = {
     "reference": "reference (untrained)",
@@ -268,53 +270,53 @@ def plot(runs: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(LABELS)}
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    for method in dict.fromkeys(r["method"] for r in runs):
-        group = [r for r in runs if r["method"] == method]
-        ax.scatter(
-            [max(r["final"]["kl_mean"], KL_FLOOR) for r in group],
-            [r["final"].get("unsafe_strict", r["final"]["unsafe_keyword"]) for r in group],
-            label=LABELS.get(method, method),
-            color=colors.get(method),
-            s=40,
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("drift: KL(ref ‖ model) per token, held-out general prompts (log; < 1e-4 drawn at 1e-4)")
-    ax.set_ylabel("unsafe rate, held-out harmful prompts (strict judge)")
-    ax.set_ylim(-0.03, 1.05)
-    ax.set_title("SmolLM2-135M-Instruct: safety vs drift, one point per run")
-    ax.legend(fontsize=8)
+    drift_label = "drift: KL(ref ‖ model) per token, general prompts (log)"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained", sharex=True)
+    for ax, judge in zip(axes, JUDGES, strict=True):
+        for method in dict.fromkeys(r["method"] for r in runs):
+            group = [r for r in runs if r["method"] == method and f"unsafe_{judge}" in r["final"]]
+            ax.scatter(
+                [max(r["final"]["kl_mean"], KL_FLOOR) for r in group],
+                [r["final"][f"unsafe_{judge}"] for r in group],
+                label=LABELS.get(method, method),
+                color=colors.get(method),
+                s=40,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel(f"drift: KL(ref ‖ model) per token (log; 0 drawn at {KL_FLOOR:g})")
+        ax.set_ylabel(f"unsafe rate, {judge} judge")
+        ax.set_ylim(-0.03, 1.05)
+        ax.set_title(f"Held-out harmful prompts, {judge} judge: one point per run")
+    axes[0].legend(fontsize=8)
     fig.savefig(out / "safety_vs_drift.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained", sharex=True)
-    panels = (
-        ("unsafe_strict", "unsafe rate (held-out harmful prompts, strict judge)"),
-        ("overrefusal_strict", "over-refusal rate (strict judge)"),
-    )
-    for ax, (key, ylabel) in zip(axes, panels, strict=True):
-        for run in runs:
-            points = [p for p in run["path"] if key in p]
-            if run["method"] == "reference" or not points:
-                continue
-            first = run["seed"] == min(r["seed"] for r in runs if r["method"] == run["method"])
-            ax.plot(
-                [max(p["kl_mean"], KL_FLOOR) for p in points],
-                [p[key] for p in points],
-                "-o",
-                ms=3,
-                lw=1,
-                alpha=0.8,
-                color=colors.get(run["method"]),
-                label=LABELS.get(run["method"]) if first else None,
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("drift: KL(ref ‖ model) per token, held-out general prompts (log)")
-        ax.set_ylabel(f"{ylabel}, quick evaluation")
-        ax.set_ylim(-0.03, 1.05)
-    axes[0].set_title("Along training, every evaluation a point: safety (lower left is better)")
-    axes[1].set_title("… and over-refusal of alarming-but-benign prompts")
-    axes[0].legend(fontsize=8)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), layout="constrained", sharex=True)
+    for row, judge in zip(axes, JUDGES, strict=True):
+        for ax, key, what in zip(row, PATH_KEYS[judge], ("unsafe rate", "over-refusal rate"), strict=True):
+            for run in runs:
+                points = [p for p in run["path"] if key in p]
+                if run["method"] == "reference" or not points:
+                    continue
+                first = run["seed"] == min(r["seed"] for r in runs if r["method"] == run["method"])
+                ax.plot(
+                    [max(p["kl_mean"], KL_FLOOR) for p in points],
+                    [p[key] for p in points],
+                    "-o",
+                    ms=3,
+                    lw=1,
+                    alpha=0.8,
+                    color=colors.get(run["method"]),
+                    label=LABELS.get(run["method"]) if first else None,
+                )
+            ax.set_xscale("log")
+            ax.set_ylabel(f"{what}, {judge} judge")
+            ax.set_ylim(-0.03, 1.05)
+    for ax in axes[1]:
+        ax.set_xlabel(drift_label)
+    axes[0][0].set_title("Along training, one point per quick evaluation: safety")
+    axes[0][1].set_title("… and over-refusal (both: lower is better)")
+    axes[0][0].legend(fontsize=8)
     fig.savefig(out / "paths.png", dpi=120)
     plt.close(fig)
 
