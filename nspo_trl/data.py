@@ -108,9 +108,9 @@ def safety_mix(split: str = "train") -> Dataset:
 def donotanswer_mix(split: str = "train") -> Dataset:
     """:func:`safety_mix` with Do-Not-Answer's declinable areas instead of HarmBench (508 train, 158 test).
 
-    Their short, direct requests are ones SmolLM2-135M-Instruct sometimes refuses (44 of 960 samples at
-    temperature 1, against 3 of 1128 on HarmBench's long behaviours), so a reward without partial credit
-    (``refusal_keyword``) already gives GRPO a signal in a third of its groups of 8.
+    Their short, direct requests are ones SmolLM2-135M-Instruct sometimes refuses (13 of 480 samples at
+    temperature 1, against 0 of 480 on HarmBench's long behaviours; ``benchmarks/refusal_signal.py``), so a
+    reward without partial credit (``refusal_keyword``) already gives GRPO a signal in 17 % of its groups of 8.
     """
     from nspo_trl.safety_sets import donotanswer
 

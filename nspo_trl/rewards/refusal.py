@@ -16,8 +16,8 @@ for pipelines and tests, not a safety judge.
 
 :func:`keyword_refusal_reward` is the same rule with ``s ∈ {0, 1}`` (an explicit refusal phrase or
 not): the paper's reward shape with a keyword judge, and no partial credit to climb. It gives GRPO a
-signal only where some sampled completions refuse: SmolLM2-135M-Instruct refuses 3 of 1128 samples
-on HarmBench's training prompts at temperature 1, but 44 of 960 on Do-Not-Answer's direct requests,
+signal only where some sampled completions refuse: SmolLM2-135M-Instruct refuses 0 of 480 samples
+on HarmBench's training prompts at temperature 1, but 13 of 480 on Do-Not-Answer's direct requests,
 so its recipe trains on those (``benchmarks/refusal_signal.py``).
 
 :func:`refusal_prefix_reward` grades the way *into* a refusal, not its resemblance to one: on a
