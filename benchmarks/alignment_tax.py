@@ -273,11 +273,12 @@ def plot(runs: list[dict], out: Path) -> None:
     drift_label = "drift: KL(ref ‖ model) per token, general prompts (log)"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained", sharex=True)
     for ax, judge in zip(axes, JUDGES, strict=True):
+        unsafe = PATH_KEYS[judge][0]
         for method in dict.fromkeys(r["method"] for r in runs):
-            group = [r for r in runs if r["method"] == method and f"unsafe_{judge}" in r["final"]]
+            group = [r for r in runs if r["method"] == method and unsafe in r["final"]]
             ax.scatter(
                 [max(r["final"]["kl_mean"], KL_FLOOR) for r in group],
-                [r["final"][f"unsafe_{judge}"] for r in group],
+                [r["final"][unsafe] for r in group],
                 label=LABELS.get(method, method),
                 color=colors.get(method),
                 s=40,

@@ -99,14 +99,18 @@ def load_training_prompts(script_args: NSPOScriptArguments, seed: int):
                 "train[:40%]."
             )
         if script_args.harmful_only:
-            if "is_harmful" not in dataset.column_names:
-                raise ValueError(f"harmful_only: {script_args.dataset_name} has no 'is_harmful' column.")
+            require_harm_labels(dataset, "harmful_only", script_args.dataset_name)
             dataset = dataset.filter(lambda example: bool(example["is_harmful"]))
     if script_args.harmful_fraction is not None:
-        if "is_harmful" not in dataset.column_names:
-            raise ValueError(f"harmful_fraction: {script_args.dataset_name} has no 'is_harmful' column.")
+        require_harm_labels(dataset, "harmful_fraction", script_args.dataset_name)
         dataset = rebalance(dataset, script_args.harmful_fraction, seed)
     return dataset
+
+
+def require_harm_labels(dataset, field: str, name: str) -> None:
+    """Raise a one-line error naming ``field`` when ``dataset`` has no ``is_harmful`` column."""
+    if "is_harmful" not in dataset.column_names:
+        raise ValueError(f"{field}: {name} has no 'is_harmful' column.")
 
 
 def load_preservation(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_path: str):
