@@ -54,6 +54,7 @@ from nspo_trl.rewards.refusal import refusal_score
 from nspo_trl.train import build_trainer, prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
+PROJECTOR_FIELDS = ("--nspo_", "--preservation_")  # the overrides a projector depends on
 # the recipe is NSPO `full` with gradient projection at lr 3e-4; every other method states what it changes
 GRPO = ["--nspo_project_every", "0", "--nspo_project_gradients", "false", "--nspo_target_modules", "mlp"]
 METHODS: dict[str, list[str]] = {
@@ -178,9 +179,11 @@ class AlongTraining(TrainerCallback):
 def run_one(method: str, seed: int, args, reference, sets: EvalSets, extra: list[str], name: str) -> dict:
     overrides = [*METHODS[method], *extra, "--seed", str(seed), "--max_steps", str(args.max_steps)]
     output_dir = Path(args.out) / "outputs" / name
-    # runs that build the same projector (same targets, data subset and seed) share one, built once
+    # runs that build the same projector (same targets, preservation data, NSPO settings and seed) share one,
+    # built once; other overrides (the reward, the learning rate) do not change it
     targets = "mlp" if "mlp" in METHODS[method] else "full"
-    projector = Path(args.out) / "projectors" / f"{targets}-{name.rsplit('-', 1)[-1]}-{'_'.join(extra) or 'default'}"
+    shaping = [f"{k}={v}" for k, v in zip(extra[::2], extra[1::2], strict=True) if k.startswith(PROJECTOR_FIELDS)]
+    projector = Path(args.out) / "projectors" / f"{targets}-s{seed}-{'_'.join(shaping) or 'default'}"
     script_args, training_args, model_args = parse(
         [
             str(args.recipe),

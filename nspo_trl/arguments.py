@@ -18,7 +18,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 from nspo_trl.config import NSPOConfig, check_vllm_sleep_mode
 from nspo_trl.packaged import RECIPES_DIR, recipe_path
 from nspo_trl.recipe import check_paths, check_recipe_fields, load_recipe
-from nspo_trl.rewards import keyword_refusal_reward, refusal_prefix_reward, refusal_reward
+from nspo_trl.rewards import keyword_refusal_reward, refusal_prefix_reward, refusal_reward, tiered_refusal_reward
 
 DEFAULT_RECIPE = RECIPES_DIR / "smoke.yaml"
 JUDGES = ("llama_guard", "local_guard")
@@ -26,6 +26,7 @@ REWARD_FUNCS = {
     "refusal": refusal_reward,
     "refusal_prefix": refusal_prefix_reward,
     "refusal_keyword": keyword_refusal_reward,
+    "refusal_tiered": tiered_refusal_reward,
 }
 
 
@@ -36,7 +37,8 @@ class NSPOScriptArguments(ScriptArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["refusal"],
         metadata={
-            "help": "Rewards: refusal, refusal_prefix, refusal_keyword, llama_guard, local_guard, 'module:function'."
+            "help": "Rewards: refusal, refusal_prefix, refusal_keyword, refusal_tiered, llama_guard, local_guard, "
+            "'module:function'."
         },
     )
     judge_base_url: str = field(

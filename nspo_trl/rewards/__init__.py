@@ -3,7 +3,8 @@
 - :class:`LlamaGuardReward`: Llama Guard behind an OpenAI-compatible server (``vllm serve``), async,
   batched, retried, failing loudly;
 - :class:`LocalGuardReward`: the same judge in-process with transformers, from next-token logits;
-- :func:`refusal_reward`, :func:`refusal_prefix_reward`, :func:`keyword_refusal_reward`: rule-based
+- :func:`refusal_reward`, :func:`refusal_prefix_reward`, :func:`keyword_refusal_reward`,
+  :func:`tiered_refusal_reward`: rule-based
   refusal proxies for smoke runs, CPU runs on a real model, and tests.
 """
 
@@ -13,10 +14,12 @@ from nspo_trl.rewards.local_guard import LocalGuardReward
 from nspo_trl.rewards.refusal import (
     completion_text,
     keyword_refusal_reward,
+    refusal_level,
     refusal_prefix_reward,
     refusal_prefix_score,
     refusal_reward,
     refusal_score,
+    tiered_refusal_reward,
 )
 
 __all__ = [
@@ -28,8 +31,10 @@ __all__ = [
     "guard_conversation",
     "keyword_refusal_reward",
     "parse_verdict",
+    "refusal_level",
     "refusal_prefix_reward",
     "refusal_prefix_score",
     "refusal_reward",
     "refusal_score",
+    "tiered_refusal_reward",
 ]
