@@ -15,6 +15,7 @@ Writes ``OUT/samples.json`` (every completion) and ``OUT/table.md``.
 
     python benchmarks/refusal_signal.py                      # HarmBench and Do-Not-Answer train prompts
     python benchmarks/refusal_signal.py --prompts 40         # 40 prompts of each set (seeded subset), quicker
+    python benchmarks/refusal_signal.py --rescore            # score OUT/samples.json again (new rewards), no sampling
 """
 
 from __future__ import annotations
@@ -87,28 +88,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default=ROOT / "recipes" / "smollm2_cpu.yaml", type=Path)
     parser.add_argument("--prompts", type=int, default=None, help="a seeded subset of N training prompts of each set")
-    parser.add_argument("--rewards", nargs="+", default=["refusal", "refusal_prefix", "refusal_keyword"])
+    parser.add_argument(
+        "--rewards", nargs="+", default=["refusal", "refusal_prefix", "refusal_keyword", "refusal_tiered"]
+    )
+    parser.add_argument(
+        "--rescore", action="store_true", help="score the completions in OUT/samples.json, no sampling"
+    )
     parser.add_argument("--batch", type=int, default=4, help="prompts per generate call")
     parser.add_argument("--out", default=ROOT / "benchmarks" / "results" / "refusal_signal", type=Path)
     args = parser.parse_args()
     script_args, training_args, model_args = parse([str(args.recipe)])
     torch.manual_seed(training_args.seed)
-    model_path = prepare_model(script_args, training_args, model_args)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-
     args.out.mkdir(parents=True, exist_ok=True)
-    samples, rows = {}, []
+    if args.rescore:
+        samples = json.loads((args.out / "samples.json").read_text())
+    else:
+        model_path = prepare_model(script_args, training_args, model_args)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        samples = {}
+        for name in SETS:
+            prompts = list(
+                seeded_subset(load_named_dataset(name, "train"), args.prompts, training_args.seed)["prompt"]
+            )
+            groups = sample(
+                model,
+                tokenizer,
+                prompts,
+                training_args.num_generations,
+                training_args.max_completion_length,
+                args.batch,
+            )
+            samples[name] = [
+                {"prompt": p[-1]["content"], "completions": g} for p, g in zip(prompts, groups, strict=True)
+            ]
+        (args.out / "samples.json").write_text(json.dumps(samples, indent=1))
+    rows = []
     for name in SETS:
-        prompts = list(seeded_subset(load_named_dataset(name, "train"), args.prompts, training_args.seed)["prompt"])
-        groups = sample(
-            model, tokenizer, prompts, training_args.num_generations, training_args.max_completion_length, args.batch
-        )
-        samples[name] = [{"prompt": p[-1]["content"], "completions": g} for p, g in zip(prompts, groups, strict=True)]
+        groups = [row["completions"] for row in samples[name]]
         for reward in args.rewards:
             figures = signal(groups, REWARD_FUNCS[reward])
-            rows.append({"set": name, "prompts": len(prompts), "reward": reward, **figures})
-    (args.out / "samples.json").write_text(json.dumps(samples, indent=1))
+            rows.append({"set": name, "prompts": len(groups), "reward": reward, **figures})
     lines = [
         f"SmolLM2 reference, `{args.recipe.name}`: {training_args.num_generations} completions of ≤ "
         f"{training_args.max_completion_length} tokens per prompt at temperature 1, seed {training_args.seed}",
