@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,12 @@ class NSPOConfig(GRPOConfig):
         nspo_push_projector (`bool`, defaults to `False`):
             `push_to_hub` also uploads `nspo_projector/` (its size is stated in the model card; up to
             ~19 GiB for Qwen2.5-7B's MLPs). By default only the model, tokenizer and card are uploaded.
+        nspo_trainable_parameters (`list[str]` or `None`):
+            Train only the parameters whose names (`model.named_parameters()`, a tied `lm_head.weight`
+            included under both names) match one of these regexes (`re.search`); every other parameter is
+            frozen. For ablations, e.g. plain GRPO (`nspo_project_every: 0`) on `["\\.mlp\\."]`,
+            `["self_attn"]`, `["embed_tokens", "lm_head"]` or `["norm"]`: where is refusal learned? `None`
+            (default) leaves every parameter as the preset does.
     """
 
     nspo_target_modules: list[str] = field(
@@ -120,6 +127,10 @@ class NSPOConfig(GRPOConfig):
     nspo_push_projector: bool = field(
         default=False, metadata={"help": "push_to_hub also uploads nspo_projector/ (large: sized in the card)."}
     )
+    nspo_trainable_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "Train only parameters whose names match one of these regexes (ablations); others frozen."},
+    )
 
     def __post_init__(self) -> None:
         # checked before GRPOConfig's own arithmetic on them (a 0 there is a ZeroDivisionError)
@@ -143,6 +154,15 @@ class NSPOConfig(GRPOConfig):
                 "or a regex."
             )
         _ = self.nullspace_rule  # validates alpha / energy / rank cap with field-named errors
+        if isinstance(self.nspo_trainable_parameters, str):
+            self.nspo_trainable_parameters = [self.nspo_trainable_parameters]
+        for pattern in self.nspo_trainable_parameters or []:
+            if not pattern.strip():
+                raise ValueError("nspo_trainable_parameters: empty pattern; give regexes such as 'mlp' or 'norm'.")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"nspo_trainable_parameters: {pattern!r} is not a valid regex ({err}).") from None
         checks = [
             (self.nspo_project_every >= 0, "nspo_project_every", "must be >= 0 (0 disables the projection)"),
             (self.nspo_preservation_max_length >= 1, "nspo_preservation_max_length", "must be >= 1"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import ClassVar
@@ -112,6 +113,7 @@ class NSPOTrainer(GRPOTrainer):
         access = parameter_access(zero_stage)
         self.constrained_update = ConstrainedUpdate(self.protected_layers, self.projector, access)
         self._freeze_unconstrainable()
+        self._freeze_outside_trainable_parameters()
         self._dirty = False
         self._state_digests: dict | None = None  # digests of output_dir/_nspo_state once written (main)
         self._grad_null_fraction: float | None = None
@@ -297,6 +299,29 @@ class NSPOTrainer(GRPOTrainer):
             raise ValueError(
                 "nspo_alpha: every trainable parameter ended up frozen (no null space anywhere); "
                 "raise nspo_alpha, set nspo_energy, or use fewer preservation samples."
+            )
+
+    def _freeze_outside_trainable_parameters(self) -> None:
+        """``nspo_trainable_parameters``: freeze every parameter whose names all miss the patterns."""
+        patterns = self.args.nspo_trainable_parameters
+        if not patterns:
+            return
+        names: dict[int, list[str]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):  # a tied weight under both names
+            names.setdefault(id(param), []).append(name)
+        unmatched = [p for p in patterns if not any(re.search(p, n) for group in names.values() for n in group)]
+        if unmatched:
+            raise ValueError(
+                f"nspo_trainable_parameters: {unmatched[0]!r} matches no parameter name "
+                f"(e.g. {next(iter(names.values()))[0]!r}); fix the regex."
+            )
+        for param in self.model.parameters():
+            if not any(re.search(p, n) for p in patterns for n in names[id(param)]):
+                param.requires_grad_(False)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(
+                "nspo_trainable_parameters: every parameter it matches is frozen by the NSPO preset "
+                "(e.g. embeddings and norms under 'full'); match protected weights or use another preset."
             )
 
     # ------------------------------------------------------------------ the update

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import PRESERVATION_MAX_LENGTH, USE_CPU, capture_inputs, leakage, load_reference
@@ -10,6 +12,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from nspo_trl import NSPOConfig, NSPOTrainer
 from nspo_trl.rewards import refusal_reward
+from nspo_trl.tiny_model import build_tiny_model
 
 COMMON = dict(
     per_device_train_batch_size=4,
@@ -316,6 +319,11 @@ def test_interval_projects_before_checkpoints(
         ({"nspo_alpha": 0.0}, "nspo_alpha"),
         ({"nspo_heldout_fraction": 1.0}, "nspo_heldout_fraction"),
         ({"nspo_project_every": -1}, "nspo_project_every"),
+        ({"nspo_trainable_parameters": ["no_such_parameter"]}, "nspo_trainable_parameters"),
+        ({"nspo_trainable_parameters": ["mlp", "(unclosed"]}, "nspo_trainable_parameters"),
+        ({"nspo_trainable_parameters": [" "]}, "nspo_trainable_parameters"),
+        # under `full` the norms are frozen, so training only them would train nothing
+        ({"nspo_trainable_parameters": ["norm"], "nspo_target_modules": ["full"]}, "nspo_trainable_parameters"),
     ],
 )
 def test_bad_settings_name_their_field(
@@ -434,3 +442,30 @@ def test_gradient_projection_keeps_adam_moments_in_the_null_space(
     for name in names:
         w = trainer.model.get_submodule(name).weight
         assert leakage(w, reference.get_submodule(name).weight, x[name]) <= 1e-6, name
+
+
+@pytest.mark.parametrize(
+    ("tied", "patterns"),
+    [(False, ["norm"]), (False, [r"\.mlp\.", "self_attn.o_proj"]), (True, ["lm_head"]), (False, ["lm_head"])],
+)
+def test_trainable_parameters_train_exactly_the_matched_ones(
+    tied, patterns, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    """Plain GRPO on a subset of the parameters (the ablations of where refusal is learned): every parameter a
+    pattern matches moves, no other one does. A tied ``lm_head`` is matched by its own name too, and trains the
+    shared embedding matrix."""
+    model_dir = str(
+        build_tiny_model(tmp_path / "model", hidden_size=64, intermediate_size=128, tie_word_embeddings=tied)
+    )
+    before = {name: p.detach().clone() for name, p in load_reference(model_dir).named_parameters()}
+    args = nspo_args(tmp_path, max_steps=3, nspo_project_every=0, nspo_trainable_parameters=patterns)
+    trainer = make_trainer(model_dir, tokenizer, safety_prompts, preservation_small, args)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    names = {n for n, _ in trainer.model.named_parameters(remove_duplicate=False)}
+    matched = {n for n in before if any(re.search(p, n) for p in patterns)}
+    if tied:
+        assert "lm_head.weight" in names and not matched  # the tied matrix is listed once, as the embedding
+        matched = {"model.embed_tokens.weight"}
+    moved = {n for n in before if not torch.equal(before[n], after[n].detach().cpu())}
+    assert moved == matched
