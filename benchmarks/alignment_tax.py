@@ -54,7 +54,8 @@ from nspo_trl.rewards.refusal import refusal_score
 from nspo_trl.train import build_trainer, prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECTOR_FIELDS = ("--nspo_", "--preservation_")  # the overrides a projector depends on
+PROJECTOR_FIELDS = ("--nspo_", "--preservation_")  # the overrides a projector depends on, except:
+TRAINING_ONLY_FIELDS = ("--nspo_project_every", "--nspo_project_gradients", "--nspo_trainable_parameters")
 # the recipe is NSPO `full` with gradient projection at lr 3e-4; every other method states what it changes
 GRPO = ["--nspo_project_every", "0", "--nspo_project_gradients", "false", "--nspo_target_modules", "mlp"]
 METHODS: dict[str, list[str]] = {
@@ -182,7 +183,11 @@ def run_one(method: str, seed: int, args, reference, sets: EvalSets, extra: list
     # runs that build the same projector (same targets, preservation data, NSPO settings and seed) share one,
     # built once; other overrides (the reward, the learning rate) do not change it
     targets = "mlp" if "mlp" in METHODS[method] else "full"
-    shaping = [f"{k}={v}" for k, v in zip(extra[::2], extra[1::2], strict=True) if k.startswith(PROJECTOR_FIELDS)]
+    shaping = [
+        f"{k}={v}"
+        for k, v in zip(extra[::2], extra[1::2], strict=True)
+        if k.startswith(PROJECTOR_FIELDS) and k not in TRAINING_ONLY_FIELDS
+    ]
     projector = Path(args.out) / "projectors" / f"{targets}-s{seed}-{'_'.join(shaping) or 'default'}"
     script_args, training_args, model_args = parse(
         [

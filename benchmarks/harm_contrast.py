@@ -19,7 +19,12 @@ prompts + refusal (test split), and alarming-but-benign prompts + refusal (over-
 ``b`` (largest ``k`` with ``e(general) ≤ b``) the attainable effect on harmful inputs relative to general
 ones is bounded by ``√(e(harmful) / e(general))``: the selectivity. Means over the 30 layers per input kind.
 
+``--prompts-only`` drops the refusal from every harmful and alarming sequence (``C_h`` and the probes):
+the refusal's own tokens never occur in general data, so with them the contrast directions may be those
+of the refusal text rather than of the requests.
+
     python benchmarks/harm_contrast.py [--budgets 1e-4 1e-3 1e-2] [--harmful-fit 200]
+    python benchmarks/harm_contrast.py --prompts-only --out benchmarks/results/harm_contrast/prompts_only
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2])
     parser.add_argument("--harmful-fit", type=int, default=200, help="harmful training prompts C_h is built from")
     parser.add_argument("--ridge", type=float, default=1e-7, help="ε / λmax(C_g) of the contrast pencil")
+    parser.add_argument("--prompts-only", action="store_true", help="prompts and the generation prompt, no refusal")
     parser.add_argument("--out", default=ROOT / "benchmarks" / "results" / "harm_contrast", type=Path)
     args = parser.parse_args()
     script_args, training_args, model_args = parse([str(args.recipe)])
@@ -96,8 +102,11 @@ def main() -> None:
     fit, heldout = split_heldout(sequences, training_args.nspo_heldout_fraction, seed=training_args.seed)
 
     def with_refusal(prompts) -> list[list[int]]:
-        conversations = [[*p, {"role": "assistant", "content": REFUSAL}] for p in prompts]
-        texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+        if args.prompts_only:
+            texts = tokenizer.apply_chat_template(list(prompts), tokenize=False, add_generation_prompt=True)
+        else:
+            conversations = [[*p, {"role": "assistant", "content": REFUSAL}] for p in prompts]
+            texts = tokenizer.apply_chat_template(conversations, tokenize=False)
         return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
     train = load_named_dataset(script_args.dataset_name, "train").filter(lambda row: row["is_harmful"])
@@ -137,10 +146,11 @@ def main() -> None:
                 mean = {key: statistics.fmean(r[key] for r in chosen) for key in ("k_fraction", *PROBES)}
                 ratio = mean["harmful"] / mean["general"] if mean["general"] else float("nan")
                 table.append({"budget": budget, "kind": kind, "subspace": subspace, **mean, "selectivity": ratio**0.5})
+    suffix = " (prompt only)" if args.prompts_only else " + refusal"
     lines = [
         f"SmolLM2, `{args.recipe.name}`: C_g from {len(fit)} preservation examples, C_h from {len(harmful_fit)} "
-        f"harmful training prompts + refusal; probes: {len(heldout)} held-out preservation examples, "
-        f"{len(harmful_test)} held-out harmful and {len(alarming)} alarming-but-benign prompts + refusal",
+        f"harmful training prompts{suffix}; probes: {len(heldout)} held-out preservation examples, "
+        f"{len(harmful_test)} held-out harmful and {len(alarming)} alarming-but-benign prompts{suffix}",
         "",
         "| general-energy budget | input kind | subspace | dims | e(general) | e(harmful) | e(alarming) "
         "| selectivity √(harm/general) | harmful / alarming |",
