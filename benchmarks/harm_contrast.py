@@ -44,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nspo_trl.arguments import parse
 from nspo_trl.data import load_named_dataset, seeded_subset
+from nspo_trl.nullspace.contrast import contrast_basis, dim_within_budget, energy_curve
 from nspo_trl.nullspace.targets import resolve_protected_layers
 from nspo_trl.preservation import split_heldout, tokenize_preservation
 from nspo_trl.train import load_preservation, prepare_model
@@ -52,30 +53,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBES = ("general", "harmful", "alarming")
 
 
-def energy_curves(basis: torch.Tensor, probes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """For each probe covariance ``C`` (``(n, n)``): ``e(k) = Σ_{i<k} bᵢᵀ C bᵢ / tr C``, k = 1..n, in column order."""
-    return {key: ((c @ basis) * basis).sum(0).cumsum(0) / torch.trace(c) for key, c in probes.items()}
-
-
-def contrast_basis(c_general: torch.Tensor, c_harmful: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Orthonormal ``(n, n)`` basis whose leading columns span the top generalised eigenvectors of (C_h, C_g + εI).
-
-    Whitening ``W = U (Λ + ε)^(-1/2)`` of ``C_g = U Λ Uᵀ`` turns the pencil into ``eigh(Wᵀ C_h W)``; its
-    eigenvectors ``w`` (descending ``μ``) give ``v = W w``. QR of the ``v`` in that order keeps every
-    leading span, so the first ``k`` columns of ``Q`` span the ``k`` most harm-specific directions.
-    """
-    lam, vectors = torch.linalg.eigh(c_general)
-    epsilon = ridge * float(lam[-1])
-    whiten = vectors * (lam.clamp_min(0.0) + epsilon).rsqrt()
-    w = torch.linalg.eigh(whiten.T @ c_harmful @ whiten)[1]
-    generalised = whiten @ w.flip(-1)  # descending μ
-    q, _ = torch.linalg.qr(generalised)
-    return q
-
-
 def at_budget(curves: dict[str, torch.Tensor], budget: float) -> dict[str, float]:
     """The probe energies at the largest ``k`` whose general energy stays within ``budget`` (k = 0: all zero)."""
-    k = int((curves["general"] <= budget).sum())  # each curve is non-decreasing in k
+    k = dim_within_budget(curves["general"], budget)
     row = {"k_fraction": k / curves["general"].numel()}
     row.update({key: float(curve[k - 1]) if k else 0.0 for key, curve in curves.items()})
     return row
@@ -131,7 +111,7 @@ def main() -> None:
         null_basis = torch.linalg.eigh(c_general)[1]  # ascending eigenvalues: NSPO's null directions first
         bases = {"null": null_basis, "contrast": contrast_basis(c_general, c_harm_fit[group].double(), args.ridge)}
         for subspace, basis in bases.items():
-            curves = energy_curves(basis, held)
+            curves = {key: energy_curve(basis, c) for key, c in held.items()}
             for budget in args.budgets:
                 rows.append(
                     {"group": group, "kind": kind_of(group), "subspace": subspace, "budget": budget}
