@@ -26,6 +26,7 @@ from nspo_trl.data import seeded_subset
 from nspo_trl.model_card import NSPO_CITATION, nspo_card_section
 from nspo_trl.nullspace.access import full_shape, gathered, gathered_one_module_at_a_time, parameter_access
 from nspo_trl.nullspace.collect import CovarianceCollector, covariance_chunks, run_collection
+from nspo_trl.nullspace.contrast import CONTRAST_RIDGE
 from nspo_trl.nullspace.projector import NullSpaceProjector, SubspaceFactor, tensor_digest
 from nspo_trl.nullspace.sharding import assign_owners, check_agreement, group_costs
 from nspo_trl.nullspace.targets import ProtectedLayer, resolve_protected_layers
@@ -156,6 +157,15 @@ class NSPOTrainer(GRPOTrainer):
             "protected_modules": [layer.name for layer in self.protected_layers],
             "covariance_dtype": args.nspo_covariance_dtype,
         }
+        contrast = args.nspo_subspace == "contrast"
+        if contrast:
+            targets = self.contrast_target_sequences()
+            metadata.update(
+                subspace="contrast",
+                contrast_budget=args.nspo_contrast_budget,
+                contrast_ridge=CONTRAST_RIDGE,
+                target_digest=sequences_digest(targets, args.nspo_preservation_max_length),
+            )
         cache = Path(args.nspo_projector_path) if args.nspo_projector_path else None
         if preservation_dataset is None:
             return self._load_cached_projector(cache, metadata)
@@ -184,29 +194,46 @@ class NSPOTrainer(GRPOTrainer):
         owners = self.group_owners(groups)
         widths = {group: full_shape(modules[group].weight)[1] for group in dict.fromkeys(groups.values())}
         element = torch.finfo(args.covariance_torch_dtype).bits // 8
-        passes = covariance_chunks(widths, element, int(args.nspo_build_memory_gb * 2**30))
+        # contrast holds each group's C and C_train side by side: half the groups per pass
+        budget = int(args.nspo_build_memory_gb * 2**30) // (2 if contrast else 1)
+        passes = covariance_chunks(widths, element, budget)
+        probes = {}
+        if heldout:  # first: a contrast subspace is sized on them
+            heldout_stats = self._collect(
+                modules, heldout, covariance=False, description="NSPO held-out probes", groups=groups
+            )
+            heldout_stats.reduce_to_owners(owners)
+            probes["heldout"] = heldout_stats.samples
         local, fit_samples, fit_tokens = {}, {}, 0
         for index, chunk in enumerate(passes):
             description = "NSPO covariances" + (f", pass {index + 1}/{len(passes)}" if len(passes) > 1 else "")
             stats = self._collect(modules, fit, covariance=True, description=description, groups=groups, only=chunk)
             stats.reduce_to_owners(owners)
+            if contrast:
+                target_stats = self._collect(
+                    modules, targets, covariance=True, description="NSPO training-prompt covariances", groups=groups,
+                    only=chunk,
+                )  # fmt: skip
+                target_stats.reduce_to_owners(owners)
             # decompose on the owner at once, so a rank never holds more than one pass of covariances
             owned = list(stats.covariances)
             for group in tqdm(owned, desc="NSPO eigendecompositions", disable=not self.accelerator.is_main_process):
                 covariance = stats.covariances.pop(group)
                 if args.nspo_eigh_on_cpu:  # the float64 copy and LAPACK workspace in host RAM, not on the GPU
                     covariance = covariance.cpu()
-                factor = SubspaceFactor.from_covariance(covariance, args.nullspace_rule)
+                if contrast:
+                    factor = SubspaceFactor.from_contrast(
+                        covariance,
+                        target_stats.covariances.pop(group).to(covariance.device),
+                        probes["heldout"][group].to(covariance.device),
+                        args.nspo_contrast_budget,
+                    )
+                else:
+                    factor = SubspaceFactor.from_covariance(covariance, args.nullspace_rule)
                 local[group] = factor.to(self.projector_device())  # offloaded at once: GPU holds one basis at most
             fit_samples.update(stats.samples)
             fit_tokens = max(fit_tokens, *stats.token_counts.values())
-        probes = {"fit": fit_samples}
-        if heldout:
-            heldout_stats = self._collect(
-                modules, heldout, covariance=False, description="NSPO held-out probes", groups=groups
-            )
-            heldout_stats.reduce_to_owners(owners)
-            probes["heldout"] = heldout_stats.samples
+        probes = {"fit": fit_samples, **probes}
         metadata["fit_tokens"] = fit_tokens
         projector = NullSpaceProjector.from_local_factors(
             local, groups, args.nullspace_rule, metadata=metadata, probes=probes, owners=owners
@@ -214,6 +241,29 @@ class NSPOTrainer(GRPOTrainer):
         if cache is not None:
             projector.save(cache)
         return projector
+
+    def contrast_target_sequences(self) -> list[list[int]]:
+        """Token ids of the training prompts a contrast subspace is built for: the harmful ones when the data
+        say which (``is_harmful``), else all; rendered as generation starts (chat template + generation prompt)."""
+        dataset = self.train_dataset
+        if dataset is None or "prompt" not in dataset.column_names:
+            raise ValueError("nspo_subspace: 'contrast' needs a train_dataset with a 'prompt' column.")
+        if "is_harmful" in dataset.column_names:
+            dataset = dataset.filter(lambda row: bool(row["is_harmful"]))
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        sequences = []
+        for prompt in dataset["prompt"]:
+            text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=True
+            )  # fmt: skip
+            ids = tokenizer(
+                text, add_special_tokens=False, truncation=True, max_length=self.args.nspo_preservation_max_length
+            )["input_ids"]
+            if ids:
+                sequences.append(ids)
+        if not sequences:
+            raise ValueError("nspo_subspace: 'contrast' found no (harmful) training prompt to contrast with.")
+        return sequences
 
     def _collect(
         self, modules, sequences, covariance: bool, description: str, groups=None, only=None

@@ -319,6 +319,10 @@ def test_interval_projects_before_checkpoints(
         ({"nspo_alpha": 0.0}, "nspo_alpha"),
         ({"nspo_heldout_fraction": 1.0}, "nspo_heldout_fraction"),
         ({"nspo_project_every": -1}, "nspo_project_every"),
+        ({"nspo_subspace": "contrastive"}, "nspo_subspace"),
+        ({"nspo_contrast_budget": 0.0}, "nspo_contrast_budget"),
+        ({"nspo_contrast_budget": 1.0}, "nspo_contrast_budget"),
+        ({"nspo_subspace": "contrast", "nspo_heldout_fraction": 0.0}, "nspo_heldout_fraction"),
         ({"nspo_trainable_parameters": ["no_such_parameter"]}, "nspo_trainable_parameters"),
         ({"nspo_trainable_parameters": ["mlp", "(unclosed"]}, "nspo_trainable_parameters"),
         ({"nspo_trainable_parameters": [" "]}, "nspo_trainable_parameters"),
@@ -469,3 +473,46 @@ def test_trainable_parameters_train_exactly_the_matched_ones(
         matched = {"model.embed_tokens.weight"}
     moved = {n for n in before if not torch.equal(before[n], after[n].detach().cpu())}
     assert moved == matched
+
+
+def test_contrast_subspace_holds_the_update_within_its_held_out_budget(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    """``nspo_subspace: contrast``: every group's subspace keeps the held-out preservation energy in it within the
+    budget, some group is free to move, every weight change stays inside its subspace, and a cached projector is
+    not reused for another budget."""
+    budget, cache = 1e-2, tmp_path / "projector"
+    contrast = dict(
+        nspo_subspace="contrast",
+        nspo_contrast_budget=budget,
+        nspo_heldout_fraction=0.3,
+        nspo_projector_path=str(cache),
+    )
+    trainer = make_trainer(
+        tiny_model_dir, tokenizer, safety_prompts, preservation_small, nspo_args(tmp_path, max_steps=3, **contrast)
+    )
+    projector = trainer.projector
+    assert projector.metadata["subspace"] == "contrast"
+    assert any(f.null_dim > 0 for f in projector.factors.values())
+    for group, factor in projector.factors.items():
+        rows = projector.probes["heldout"][group].double()
+        inside = rows @ factor.dense().double()
+        assert float(inside.pow(2).sum() / rows.pow(2).sum()) <= budget * (1 + 1e-6), group
+        assert factor.stats()["null_lambda_rel"] is None and factor.fit_energy is not None
+    reference = load_reference(tiny_model_dir).requires_grad_(False)
+    trainer.train()
+    for layer in trainer.protected_layers:
+        delta = layer.linear.weight.detach().cpu() - reference.get_submodule(layer.name).weight
+        projected = delta @ projector.factor_for(layer.name).dense().cpu()
+        assert torch.allclose(projected, delta, atol=1e-6), layer.name
+    moved = sum(float((layer.linear.weight.detach().cpu() - reference.get_submodule(layer.name).weight).norm())
+                for layer in trainer.protected_layers)  # fmt: skip
+    assert moved > 0
+    with pytest.raises(ValueError, match="contrast_budget"):
+        make_trainer(
+            tiny_model_dir,
+            tokenizer,
+            safety_prompts,
+            preservation_small,
+            nspo_args(tmp_path / "again", max_steps=1, **{**contrast, "nspo_contrast_budget": 2e-2}),
+        )

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 
+CONTRAST_RIDGE = 1e-7
+"""``ε / λ_max(C_g)`` of the pencil: small enough that directions general inputs never use rank first."""
+
 
 def energy_curve(basis: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
     """``e(k) = Σ_{i<k} bᵢᵀ C bᵢ / tr C`` for ``k = 1..d``: energy share of the first ``k`` columns of ``basis``.
@@ -30,7 +33,7 @@ def energy_curve(basis: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
     return per_direction.cumsum(0) / torch.trace(covariance)
 
 
-def contrast_basis(c_general: torch.Tensor, c_target: torch.Tensor, ridge: float = 1e-7) -> torch.Tensor:
+def contrast_basis(c_general: torch.Tensor, c_target: torch.Tensor, ridge: float = CONTRAST_RIDGE) -> torch.Tensor:
     """Orthonormal ``(n, n)`` basis whose first ``k`` columns span the ``k`` leading generalised eigenvectors.
 
     The pencil is ``C_t v = μ (C_g + εI) v`` with ``ε = ridge · λ_max(C_g)`` (so directions general inputs

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from nspo_trl.nullspace.contrast import CONTRAST_RIDGE, contrast_basis, dim_within_budget, energy_curve
 from nspo_trl.nullspace.rule import NullSpaceRule
 from nspo_trl.nullspace.sharding import all_gather_objects, barrier, rank_and_world
 
@@ -47,12 +48,16 @@ class SubspaceFactor:
             (``P = I − B Bᵀ``).
         eigenvalues: ``(n,)`` float64 eigenvalues of ``C``, ascending (kept for stats/plots).
         null_dim: ``k``.
+        fit_energy: for a subspace chosen by contrast (:meth:`from_contrast`), the share of the
+            preservation energy ``tr(P C)/tr(C)`` it holds; ``None`` for NSPO's null space, where that
+            share is the sum of the ``k`` smallest eigenvalues.
     """
 
     basis: torch.Tensor | None
     kind: Literal["null", "range"]
     eigenvalues: torch.Tensor
     null_dim: int
+    fit_energy: float | None = None
 
     @property
     def in_features(self) -> int:
@@ -64,7 +69,7 @@ class SubspaceFactor:
 
     def without_basis(self) -> SubspaceFactor:
         """The same factor as seen by a rank that does not own it."""
-        return SubspaceFactor(None, self.kind, self.eigenvalues, self.null_dim)
+        return SubspaceFactor(None, self.kind, self.eigenvalues, self.null_dim, self.fit_energy)
 
     @classmethod
     def from_covariance(
@@ -83,9 +88,35 @@ class SubspaceFactor:
             basis, kind = eigenvectors[:, k:], "range"
         return cls(basis.to(basis_dtype).contiguous(), kind, eigenvalues.cpu(), k)
 
+    @classmethod
+    def from_contrast(
+        cls,
+        c_general: torch.Tensor,
+        c_target: torch.Tensor,
+        heldout_rows: torch.Tensor,
+        budget: float,
+        ridge: float = CONTRAST_RIDGE,
+        basis_dtype: torch.dtype = torch.float32,
+    ) -> SubspaceFactor:
+        """The contrast subspace of one input group (``nspo_subspace: contrast``).
+
+        ``Q`` = :func:`~nspo_trl.nullspace.contrast.contrast_basis` of the pencil ``(C_target, C_general + εI)``
+        (``(n, n)``, leading columns most target-specific); ``k`` is the largest dimension whose share of the
+        held-out preservation energy ``‖Q_{:k}ᵀ Xᵀ‖² / ‖X‖²`` (``heldout_rows``: ``(t, n)``) stays within
+        ``budget``. ``P = Q_{:k} Q_{:k}ᵀ``, stored as ``Q_{:k}`` or, when thinner, as its complement ``Q_{k:}``.
+        """
+        basis = contrast_basis(c_general, c_target, ridge)
+        rows = heldout_rows.to(torch.float64)
+        k = dim_within_budget(energy_curve(basis, rows.T @ rows), budget)
+        c_general = c_general.to(torch.float64)
+        fit_energy = float(energy_curve(basis[:, :k], c_general)[-1]) if k else 0.0
+        kept, kind = (basis[:, :k], "null") if k <= basis.shape[0] - k else (basis[:, k:], "range")
+        eigenvalues = torch.linalg.eigvalsh(c_general).cpu()
+        return cls(kept.to(basis_dtype).contiguous(), kind, eigenvalues, k, fit_energy)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SubspaceFactor:
         basis = None if self.basis is None else self.basis.to(device=device, dtype=dtype)
-        return SubspaceFactor(basis, self.kind, self.eigenvalues, self.null_dim)
+        return SubspaceFactor(basis, self.kind, self.eigenvalues, self.null_dim, self.fit_energy)
 
     def apply(self, delta: torch.Tensor) -> torch.Tensor:
         """Return ``delta @ P`` for ``delta`` of shape ``(…, n)``, in ``delta``'s dtype and device."""
@@ -111,10 +142,12 @@ class SubspaceFactor:
             "stored": self.kind,
             "stored_dim": self.stored_dim,
             "lambda_max": lam_max,
-            # largest eigenvalue declared null, relative to λmax (≤ alpha by construction)
-            "null_lambda_rel": float(lam[k - 1]) / lam_max if k else None,
+            # largest eigenvalue declared null, relative to λmax (≤ alpha by construction; none for contrast)
+            "null_lambda_rel": float(lam[k - 1]) / lam_max if k and self.fit_energy is None else None,
             # fraction of the preservation energy tr(C) that lies in the null space
-            "null_energy_fraction": float(lam[:k].sum() / lam.sum()) if k else 0.0,
+            "null_energy_fraction": (
+                self.fit_energy if self.fit_energy is not None else float(lam[:k].sum() / lam.sum()) if k else 0.0
+            ),
         }
 
 
@@ -262,7 +295,10 @@ class NullSpaceProjector:
                 "format_version": FORMAT_VERSION,
                 "rule": self.rule.to_dict(),
                 "groups": self.groups,
-                "factors": [{"group": g, "kind": f.kind, "null_dim": f.null_dim} for g, f in self.factors.items()],
+                "factors": [
+                    {"group": g, "kind": f.kind, "null_dim": f.null_dim, "fit_energy": f.fit_energy}
+                    for g, f in self.factors.items()
+                ],
                 "splits": sorted(self.probes),
                 "metadata": self.metadata,
                 "stats": self.stats(),
@@ -323,7 +359,8 @@ class NullSpaceProjector:
                 raise ValueError(f"{directory}: the factors of input group {group!r} are missing; {_REBUILD}")
             basis = tensors.get(f"basis/{group}") if group in mine else None
             eigenvalues = tensors[f"eigenvalues/{group}"].cpu()
-            factors[group] = SubspaceFactor(basis, entry["kind"], eigenvalues, entry["null_dim"])
+            fit_energy = entry.get("fit_energy")  # set for a contrast subspace only
+            factors[group] = SubspaceFactor(basis, entry["kind"], eigenvalues, entry["null_dim"], fit_energy)
         probes: dict[str, dict[str, torch.Tensor]] = {}
         for key, rows in tensors.items():
             if key.startswith("probes/"):
