@@ -39,15 +39,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
-from null_space_diagnosis import REFUSAL, covariances, kind_of
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from null_space_diagnosis import REFUSAL, covariances, kind_of, reference_and_preservation
 
-from nspo_trl.arguments import parse
 from nspo_trl.data import load_named_dataset, seeded_subset
-from nspo_trl.nullspace.contrast import contrast_basis, dim_within_budget, energy_curve
+from nspo_trl.nullspace.contrast import CONTRAST_RIDGE, contrast_basis, dim_within_budget, energy_curve
 from nspo_trl.nullspace.targets import resolve_protected_layers
-from nspo_trl.preservation import split_heldout, tokenize_preservation
-from nspo_trl.train import load_preservation, prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBES = ("general", "harmful", "alarming")
@@ -66,20 +62,12 @@ def main() -> None:
     parser.add_argument("--recipe", default=ROOT / "recipes" / "smollm2_cpu.yaml", type=Path)
     parser.add_argument("--budgets", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2])
     parser.add_argument("--harmful-fit", type=int, default=200, help="harmful training prompts C_h is built from")
-    parser.add_argument("--ridge", type=float, default=1e-7, help="ε / λmax(C_g) of the contrast pencil")
+    parser.add_argument("--ridge", type=float, default=CONTRAST_RIDGE, help="ε / λmax(C_g) of the contrast pencil")
     parser.add_argument("--prompts-only", action="store_true", help="prompts and the generation prompt, no refusal")
     parser.add_argument("--out", default=ROOT / "benchmarks" / "results" / "harm_contrast", type=Path)
     args = parser.parse_args()
-    script_args, training_args, model_args = parse([str(args.recipe)])
-    model_path = prepare_model(script_args, training_args, model_args)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    script_args, training_args, tokenizer, model, fit, heldout = reference_and_preservation(args.recipe)
     pad = tokenizer.pad_token_id
-
-    preservation = load_preservation(script_args, training_args, model_path)
-    preservation = seeded_subset(preservation, training_args.nspo_num_preservation_samples, training_args.seed)
-    sequences = tokenize_preservation(preservation, tokenizer, training_args.nspo_preservation_max_length)
-    fit, heldout = split_heldout(sequences, training_args.nspo_heldout_fraction, seed=training_args.seed)
 
     def with_refusal(prompts) -> list[list[int]]:
         if args.prompts_only:

@@ -60,22 +60,28 @@ def covariances(model, modules, sequences, pad_token_id) -> tuple[dict, dict]:
     return collector.covariances, collector.groups
 
 
+def reference_and_preservation(recipe: Path):
+    """The recipe's arguments, tokenizer and fp32 reference model, and its preservation examples' token ids
+    split into (fit, held-out) exactly as the trainer splits them."""
+    script_args, training_args, model_args = parse([str(recipe)])
+    model_path = prepare_model(script_args, training_args, model_args)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    preservation = load_preservation(script_args, training_args, model_path)
+    preservation = seeded_subset(preservation, training_args.nspo_num_preservation_samples, training_args.seed)
+    sequences = tokenize_preservation(preservation, tokenizer, training_args.nspo_preservation_max_length)
+    fit, heldout = split_heldout(sequences, training_args.nspo_heldout_fraction, seed=training_args.seed)
+    return script_args, training_args, tokenizer, model, fit, heldout
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default=ROOT / "recipes" / "smollm2_cpu.yaml", type=Path)
     parser.add_argument("--alphas", nargs="+", type=float, default=[5e-5, 5e-4, 5e-3])
     parser.add_argument("--out", default=ROOT / "benchmarks" / "results" / "null_space_diagnosis.json", type=Path)
     args = parser.parse_args()
-    script_args, training_args, model_args = parse([str(args.recipe)])
-    model_path = prepare_model(script_args, training_args, model_args)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    _, _, tokenizer, model, fit, heldout = reference_and_preservation(args.recipe)
     pad = tokenizer.pad_token_id
-
-    preservation = load_preservation(script_args, training_args, model_path)
-    preservation = seeded_subset(preservation, training_args.nspo_num_preservation_samples, training_args.seed)
-    sequences = tokenize_preservation(preservation, tokenizer, training_args.nspo_preservation_max_length)
-    fit, heldout = split_heldout(sequences, training_args.nspo_heldout_fraction, seed=training_args.seed)
     harmful_prompts = list(load_named_dataset("nspo_trl:harmbench", "train")["prompt"])
     benign_prompts = [row["prompt"] for row in load_named_dataset("nspo_trl:safety_prompts") if not row["is_harmful"]]
 
