@@ -46,12 +46,17 @@ def nspo_card_section(
         "|---|---|",
     ]
     lines += [f"| {what} | {value} |" for what, value in (details or {}).items()]
+    rule = (
+        f"by contrast with the harmful training prompts, held-out preservation energy ≤ {args.nspo_contrast_budget:g}"
+        " per group"
+        if args.nspo_subspace == "contrast"
+        else f"λ ≤ {args.nspo_alpha:g}·λmax, energy {args.nspo_energy}, max null rank {args.nspo_max_null_rank}"
+    )
     lines += [
         f"| preservation examples | {meta.get('fit_examples')} fit, {meta.get('heldout_examples')} held out, "
         f"{meta.get('fit_tokens')} tokens |",
         f"| protected modules | `{', '.join(args.nspo_target_modules)}` ({num_protected} linears) |",
-        f"| null space rule | λ ≤ {args.nspo_alpha:g}·λmax, energy {args.nspo_energy}, "
-        f"max null rank {args.nspo_max_null_rank} |",
+        f"| null space rule | {rule} |",
         f"| null dimensions | {summary['null_dim_total']} of {summary['in_features_total']} input dimensions "
         f"({100 * summary['null_fraction']:.1f}%) |",
         f"| gradient projection | {'yes' if args.nspo_project_gradients else 'no'} |",

@@ -493,6 +493,7 @@ def test_contrast_subspace_holds_the_update_within_its_held_out_budget(
     )
     projector = trainer.projector
     assert projector.metadata["subspace"] == "contrast"
+    assert f"held-out preservation energy ≤ {budget:g}" in trainer.nspo_card_section()
     assert any(f.null_dim > 0 for f in projector.factors.values())
     for group, factor in projector.factors.items():
         rows = projector.probes["heldout"][group].double()
