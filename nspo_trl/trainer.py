@@ -175,6 +175,12 @@ class NSPOTrainer(GRPOTrainer):
             preservation_dataset, self.processing_class, args.nspo_preservation_max_length
         )
         fit, heldout = split_heldout(sequences, args.nspo_heldout_fraction, seed=args.seed)
+        if contrast and not heldout:
+            raise ValueError(
+                f"nspo_heldout_fraction: {args.nspo_heldout_fraction} of {len(sequences)} preservation examples holds "
+                "none out, and nspo_subspace 'contrast' is sized on held-out ones; use more examples or a larger "
+                "fraction."
+            )
         self.preservation_sequences = {"fit": fit, "heldout": heldout}
         metadata.update(
             data_digest=sequences_digest(sequences, args.nspo_preservation_max_length),

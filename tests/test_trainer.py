@@ -517,3 +517,13 @@ def test_contrast_subspace_holds_the_update_within_its_held_out_budget(
             preservation_small,
             nspo_args(tmp_path / "again", max_steps=1, **{**contrast, "nspo_contrast_budget": 2e-2}),
         )
+
+
+def test_contrast_without_a_held_out_example_is_refused(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    """A held-out fraction that rounds to no example leaves nothing to size the contrast subspace on."""
+    args = nspo_args(tmp_path, max_steps=1, nspo_subspace="contrast", nspo_heldout_fraction=0.01)
+    with pytest.raises(ValueError, match="nspo_heldout_fraction") as info:
+        make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation_small, args)
+    assert "\n" not in str(info.value)
