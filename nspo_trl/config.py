@@ -47,6 +47,11 @@ class NSPOConfig(GRPOConfig):
             With `nspo_subspace: contrast`, the largest share of held-out preservation energy per layer group
             its subspace may hold (an update there moves general outputs by at most about its square root,
             relative).
+        nspo_contrast_protect_benign (`bool`, defaults to `False`):
+            With `nspo_subspace: contrast`, the benign training prompts (rows with `is_harmful` false) join the
+            preservation data on the right of the pencil, `C_train v = μ (C + C_benign + εI) v`: the subspace
+            then avoids what harmful and benign requests share (their topic, the chat template) and keeps what
+            only the harmful ones use, so refusing benign prompts is not learned along with it.
         nspo_energy (`float` or `None`):
             Optional: the top directions carrying this fraction of `tr(C)` are always kept as range.
         nspo_max_null_rank (`int` or `None`):
@@ -106,6 +111,9 @@ class NSPOConfig(GRPOConfig):
     )
     nspo_contrast_budget: float = field(
         default=1e-4, metadata={"help": "contrast: max held-out preservation energy share per layer group."}
+    )
+    nspo_contrast_protect_benign: bool = field(
+        default=False, metadata={"help": "contrast: also keep the benign training prompts' directions out."}
     )
     nspo_energy: float | None = field(
         default=None, metadata={"help": "Optional: top directions with this fraction of tr(C) stay range."}
@@ -184,6 +192,11 @@ class NSPOConfig(GRPOConfig):
             raise ValueError(
                 "nspo_heldout_fraction: nspo_subspace 'contrast' sizes each subspace on held-out preservation "
                 "examples; set it > 0 (e.g. 0.2)."
+            )
+        if self.nspo_contrast_protect_benign and self.nspo_subspace != "contrast":
+            raise ValueError(
+                "nspo_contrast_protect_benign: applies to nspo_subspace 'contrast' only; set nspo_subspace: contrast "
+                "or drop it."
             )
         if isinstance(self.nspo_trainable_parameters, str):
             self.nspo_trainable_parameters = [self.nspo_trainable_parameters]

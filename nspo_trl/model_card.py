@@ -47,8 +47,9 @@ def nspo_card_section(
     ]
     lines += [f"| {what} | {value} |" for what, value in (details or {}).items()]
     rule = (
-        f"by contrast with the harmful training prompts, held-out preservation energy ≤ {args.nspo_contrast_budget:g}"
-        " per group"
+        "by contrast with the harmful training prompts"
+        + (" (benign training prompts protected too)" if args.nspo_contrast_protect_benign else "")
+        + f", held-out preservation energy ≤ {args.nspo_contrast_budget:g} per group"
         if args.nspo_subspace == "contrast"
         else f"λ ≤ {args.nspo_alpha:g}·λmax, energy {args.nspo_energy}, max null rank {args.nspo_max_null_rank}"
     )

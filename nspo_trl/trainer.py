@@ -164,8 +164,12 @@ class NSPOTrainer(GRPOTrainer):
                 subspace="contrast",
                 contrast_budget=args.nspo_contrast_budget,
                 contrast_ridge=CONTRAST_RIDGE,
+                contrast_protect_benign=args.nspo_contrast_protect_benign,
                 target_digest=sequences_digest(targets, args.nspo_preservation_max_length),
             )
+        protected = self.contrast_protected_sequences() if args.nspo_contrast_protect_benign else []
+        if protected:
+            metadata["protected_digest"] = sequences_digest(protected, args.nspo_preservation_max_length)
         cache = Path(args.nspo_projector_path) if args.nspo_projector_path else None
         if preservation_dataset is None:
             return self._load_cached_projector(cache, metadata)
@@ -200,8 +204,8 @@ class NSPOTrainer(GRPOTrainer):
         owners = self.group_owners(groups)
         widths = {group: full_shape(modules[group].weight)[1] for group in dict.fromkeys(groups.values())}
         element = torch.finfo(args.covariance_torch_dtype).bits // 8
-        # contrast holds each group's C and C_train side by side: half the groups per pass
-        budget = int(args.nspo_build_memory_gb * 2**30) // (2 if contrast else 1)
+        # contrast holds each group's C and C_train (and C_benign) side by side: a half (third) of the groups per pass
+        budget = int(args.nspo_build_memory_gb * 2**30) // (1 + int(contrast) + int(bool(protected)))
         passes = covariance_chunks(widths, element, budget)
         probes = {}
         if heldout:  # first: a contrast subspace is sized on them
@@ -221,6 +225,15 @@ class NSPOTrainer(GRPOTrainer):
                     only=chunk,
                 )  # fmt: skip
                 target_stats.reduce_to_owners(owners)
+            if protected:  # C ← C + C_benign: the benign prompts' directions count as general ones
+                benign_stats = self._collect(
+                    modules, protected, covariance=True, description="NSPO benign-prompt covariances", groups=groups,
+                    only=chunk,
+                )  # fmt: skip
+                benign_stats.reduce_to_owners(owners)
+                for group, covariance in benign_stats.covariances.items():
+                    stats.covariances[group] += covariance
+                del benign_stats
             # decompose on the owner at once, so a rank never holds more than one pass of covariances
             owned = list(stats.covariances)
             for group in tqdm(owned, desc="NSPO eigendecompositions", disable=not self.accelerator.is_main_process):
@@ -251,11 +264,23 @@ class NSPOTrainer(GRPOTrainer):
     def contrast_target_sequences(self) -> list[list[int]]:
         """Token ids of the training prompts a contrast subspace is built for: the harmful ones when the data
         say which (``is_harmful``), else all; rendered as generation starts (chat template + generation prompt)."""
+        return self._training_prompt_sequences(harmful=True)
+
+    def contrast_protected_sequences(self) -> list[list[int]]:
+        """Token ids of the benign training prompts (``is_harmful`` false), rendered like the targets: with
+        ``nspo_contrast_protect_benign`` their covariance joins the preservation covariance in the pencil."""
+        return self._training_prompt_sequences(harmful=False)
+
+    def _training_prompt_sequences(self, harmful: bool) -> list[list[int]]:
+        kind = "harmful" if harmful else "benign"
+        field_name = "nspo_subspace: 'contrast'" if harmful else "nspo_contrast_protect_benign"
         dataset = self.train_dataset
         if dataset is None or "prompt" not in dataset.column_names:
-            raise ValueError("nspo_subspace: 'contrast' needs a train_dataset with a 'prompt' column.")
+            raise ValueError(f"{field_name} needs a train_dataset with a 'prompt' column.")
         if "is_harmful" in dataset.column_names:
-            dataset = dataset.filter(lambda row: bool(row["is_harmful"]))
+            dataset = dataset.filter(lambda row: bool(row["is_harmful"]) == harmful)
+        elif not harmful:
+            raise ValueError(f"{field_name} needs an 'is_harmful' column in the train_dataset to find benign prompts.")
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         sequences = []
         for prompt in dataset["prompt"]:
@@ -268,7 +293,7 @@ class NSPOTrainer(GRPOTrainer):
             if ids:
                 sequences.append(ids)
         if not sequences:
-            raise ValueError("nspo_subspace: 'contrast' found no (harmful) training prompt to contrast with.")
+            raise ValueError(f"{field_name} found no {kind} training prompt in the train_dataset.")
         return sequences
 
     def _collect(

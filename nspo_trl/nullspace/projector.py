@@ -49,8 +49,9 @@ class SubspaceFactor:
         eigenvalues: ``(n,)`` float64 eigenvalues of ``C``, ascending (kept for stats/plots).
         null_dim: ``k``.
         fit_energy: for a subspace chosen by contrast (:meth:`from_contrast`), the share of the
-            preservation energy ``tr(P C)/tr(C)`` it holds; ``None`` for NSPO's null space, where that
-            share is the sum of the ``k`` smallest eigenvalues.
+            protected inputs' energy ``tr(P C)/tr(C)`` it holds (``C``: the pencil's right side, the
+            preservation covariance plus, with ``nspo_contrast_protect_benign``, the benign prompts');
+            ``None`` for NSPO's null space, where that share is the sum of the ``k`` smallest eigenvalues.
     """
 
     basis: torch.Tensor | None
