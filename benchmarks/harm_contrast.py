@@ -42,7 +42,7 @@ import torch
 from null_space_diagnosis import REFUSAL, covariances, kind_of, reference_and_preservation
 
 from nspo_trl.data import load_named_dataset, seeded_subset
-from nspo_trl.nullspace.contrast import CONTRAST_RIDGE, contrast_basis, dim_within_budget, energy_curve
+from nspo_trl.nullspace.contrast import CONTRAST_RIDGE, contrast_basis_from_eigh, dim_within_budget, energy_curve
 from nspo_trl.nullspace.targets import resolve_protected_layers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,8 +96,9 @@ def main() -> None:
     for group in sorted(c_fit):
         c_general = c_fit[group].double()
         held = {key: probes[key][group].double() for key in PROBES}
-        null_basis = torch.linalg.eigh(c_general)[1]  # ascending eigenvalues: NSPO's null directions first
-        bases = {"null": null_basis, "contrast": contrast_basis(c_general, c_harm_fit[group].double(), args.ridge)}
+        lam, null_basis = torch.linalg.eigh(c_general)  # ascending eigenvalues: NSPO's null directions first
+        contrast = contrast_basis_from_eigh(lam, null_basis, c_harm_fit[group].double(), args.ridge)
+        bases = {"null": null_basis, "contrast": contrast}
         for subspace, basis in bases.items():
             curves = {key: energy_curve(basis, c) for key, c in held.items()}
             for budget in args.budgets:

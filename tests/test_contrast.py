@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nspo_trl.nullspace.contrast import contrast_basis, dim_within_budget, energy_curve
+from nspo_trl.nullspace.projector import SubspaceFactor
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -65,3 +66,21 @@ def test_dim_within_budget_is_the_largest_k_that_fits(budget, k):
 def test_a_non_positive_ridge_is_refused():
     with pytest.raises(ValueError, match="ridge"):
         contrast_basis(torch.eye(3), torch.eye(3), ridge=0.0)
+
+
+def test_a_contrast_factor_keeps_the_budgeted_leading_span_and_the_general_eigenvalues():
+    """``SubspaceFactor.from_contrast`` decomposes ``C_g`` once for both: its ``P`` spans the first ``k`` columns of
+    :func:`contrast_basis` (``k`` set by the held-out budget) and its stored eigenvalues are ``C_g``'s."""
+    n, budget = 12, 1e-3
+    c_general, c_target = random_covariance(n, 40, seed=3), random_covariance(n, 30, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    heldout = torch.randn(25, n, generator=generator, dtype=torch.float64) * torch.logspace(
+        0, -3, n, dtype=torch.float64
+    )
+    factor = SubspaceFactor.from_contrast(c_general, c_target, heldout, budget, basis_dtype=torch.float64)
+    basis = contrast_basis(c_general, c_target)
+    k = dim_within_budget(energy_curve(basis, heldout.T @ heldout), budget)
+    assert 0 < k < n and factor.null_dim == k
+    assert torch.allclose(factor.dense(), basis[:, :k] @ basis[:, :k].T, atol=1e-10)
+    assert torch.allclose(factor.eigenvalues, torch.linalg.eigvalsh(c_general), rtol=1e-12, atol=1e-12)
+    assert factor.fit_energy == pytest.approx(float(energy_curve(basis[:, :k], c_general)[-1]), rel=1e-9)

@@ -15,6 +15,7 @@ so decisions such as which layers to freeze are the same everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nspo_trl.nullspace.contrast import CONTRAST_RIDGE, contrast_basis, dim_within_budget, energy_curve
+from nspo_trl.nullspace.contrast import CONTRAST_RIDGE, contrast_basis_from_eigh, dim_within_budget, energy_curve
 from nspo_trl.nullspace.rule import NullSpaceRule
 from nspo_trl.nullspace.sharding import all_gather_objects, barrier, rank_and_world
 
@@ -70,7 +71,7 @@ class SubspaceFactor:
 
     def without_basis(self) -> SubspaceFactor:
         """The same factor as seen by a rank that does not own it."""
-        return SubspaceFactor(None, self.kind, self.eigenvalues, self.null_dim, self.fit_energy)
+        return dataclasses.replace(self, basis=None)
 
     @classmethod
     def from_covariance(
@@ -102,22 +103,23 @@ class SubspaceFactor:
         """The contrast subspace of one input group (``nspo_subspace: contrast``).
 
         ``Q`` = :func:`~nspo_trl.nullspace.contrast.contrast_basis` of the pencil ``(C_target, C_general + εI)``
-        (``(n, n)``, leading columns most target-specific); ``k`` is the largest dimension whose share of the
+        (``(n, n)``, leading columns most target-specific; ``C_general`` is eigendecomposed once, for ``Q`` and
+        the stored eigenvalues); ``k`` is the largest dimension whose share of the
         held-out preservation energy ``‖Q_{:k}ᵀ Xᵀ‖² / ‖X‖²`` (``heldout_rows``: ``(t, n)``) stays within
         ``budget``. ``P = Q_{:k} Q_{:k}ᵀ``, stored as ``Q_{:k}`` or, when thinner, as its complement ``Q_{k:}``.
         """
-        basis = contrast_basis(c_general, c_target, ridge)
+        c_general = c_general.to(torch.float64)
+        eigenvalues, eigenvectors = torch.linalg.eigh(c_general)
+        basis = contrast_basis_from_eigh(eigenvalues, eigenvectors, c_target, ridge)
         rows = heldout_rows.to(torch.float64)
         k = dim_within_budget(energy_curve(basis, rows.T @ rows), budget)
-        c_general = c_general.to(torch.float64)
         fit_energy = float(energy_curve(basis[:, :k], c_general)[-1]) if k else 0.0
         kept, kind = (basis[:, :k], "null") if k <= basis.shape[0] - k else (basis[:, k:], "range")
-        eigenvalues = torch.linalg.eigvalsh(c_general).cpu()
-        return cls(kept.to(basis_dtype).contiguous(), kind, eigenvalues, k, fit_energy)
+        return cls(kept.to(basis_dtype).contiguous(), kind, eigenvalues.cpu(), k, fit_energy)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SubspaceFactor:
         basis = None if self.basis is None else self.basis.to(device=device, dtype=dtype)
-        return SubspaceFactor(basis, self.kind, self.eigenvalues, self.null_dim, self.fit_energy)
+        return dataclasses.replace(self, basis=basis)
 
     def apply(self, delta: torch.Tensor) -> torch.Tensor:
         """Return ``delta @ P`` for ``delta`` of shape ``(…, n)``, in ``delta``'s dtype and device."""
