@@ -253,6 +253,18 @@ COLUMNS = [
 ]
 
 
+def run_label(run: dict) -> str:
+    """The method's label, plus the overrides the run added to it (a screen's ``--set``), so no plot or table row
+    calls a screened variant by the plain method's name."""
+    method = run["method"]
+    extra = run.get("overrides", [])[len(METHODS.get(method, [])) : -4]  # the last four: --seed S --max_steps N
+    added = " ".join(
+        f"{key.removeprefix('--').removeprefix('nspo_')}={value}"
+        for key, value in zip(extra[::2], extra[1::2], strict=True)
+    )
+    return LABELS.get(method, method) + (f" [{added}]" if added else "")
+
+
 def write_table(runs: list[dict], out: Path, header: str) -> str:
     by_method: dict[str, list[dict]] = {}
     for run in runs:
@@ -263,9 +275,9 @@ def write_table(runs: list[dict], out: Path, header: str) -> str:
         "| method | seeds | " + " | ".join(c for c, _ in COLUMNS) + " |",
         "|---|---|" + "---|" * len(COLUMNS),
     ]
-    for method, group in by_method.items():
+    for group in by_method.values():
         cells = [mean_spread([get(r) for r in group]) for _, get in COLUMNS]
-        lines.append(f"| {LABELS.get(method, method)} | {len(group)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {run_label(group[0])} | {len(group)} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text
@@ -287,7 +299,7 @@ def plot(runs: list[dict], out: Path) -> None:
             ax.scatter(
                 [max(r["final"]["kl_mean"], KL_FLOOR) for r in group],
                 [r["final"][unsafe] for r in group],
-                label=LABELS.get(method, method),
+                label=run_label(group[0]) if group else None,
                 color=colors.get(method),
                 s=40,
             )
@@ -316,7 +328,7 @@ def plot(runs: list[dict], out: Path) -> None:
                     lw=1,
                     alpha=0.8,
                     color=colors.get(run["method"]),
-                    label=LABELS.get(run["method"]) if first else None,
+                    label=run_label(run) if first else None,
                 )
             ax.set_xscale("log")
             ax.set_ylabel(f"{what}, {judge} judge")

@@ -371,7 +371,12 @@ class NSPOTrainer(GRPOTrainer):
             if layer.linear.bias is not None:
                 layer.linear.bias.requires_grad_(False)  # a bias shift moves every output
         if frozen := self.projector.frozen_modules():
-            logger.warning("NSPO: %d layers have an empty null space and are frozen: %s", len(frozen), frozen)
+            logger.warning(
+                "NSPO: %d layers have no free direction (an empty null space, or no contrast direction within "
+                "nspo_contrast_budget) and are frozen: %s",
+                len(frozen),
+                frozen,
+            )
         if self.args.freezes_non_targets:
             for _, param in self.model.named_parameters():
                 if id(param) not in constrained:
