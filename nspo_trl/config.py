@@ -244,6 +244,12 @@ class NSPOConfig(GRPOConfig):
         return NullSpaceRule(alpha=self.nspo_alpha, energy=self.nspo_energy, max_null_rank=self.nspo_max_null_rank)
 
     @property
+    def build_covariance_copies(self) -> int:
+        """Covariances a build holds per layer group at once: ``C``; with ``contrast`` also ``C_train``; with
+        ``nspo_contrast_protect_benign`` also ``C_benign`` (each pass then covers that share of the groups)."""
+        return 1 + (self.nspo_subspace == "contrast") + self.nspo_contrast_protect_benign
+
+    @property
     def covariance_torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.nspo_covariance_dtype)
 

@@ -7,10 +7,12 @@ processes, ``G`` the GPU's memory):
     model shard        ZeRO-3: ``2P/N`` (bf16, partitioned at load); otherwise the loaded model, ``P·w``
     gathered module    ZeRO-3 only: the preservation forward gathers one module at a time, at most the
                        embeddings or ``lm_head``: ``2·V·h``
-    covariances        the largest pass of ``nspo_build_memory_gb`` (``plan.memory_plan``)
+    covariances        the largest pass of ``nspo_build_memory_gb`` (``plan.memory_plan``), every copy
+                       held per group (``C``, and ``C_train``, ``C_benign`` for a contrast subspace)
     eigh workspace     float64 ``eigh`` of the rank's widest owned group ``n``: a copy of ``C``, the
                        eigenvectors and LAPACK ``syevd``'s ``1 + 6n + 2n²`` words: ``(4n² + 6n + 1)·8``;
-                       0 with ``nspo_eigh_on_cpu`` (then host RAM: ``eigh_host_bytes``)
+                       a contrast subspace ``(9n² + 6n + 1)·8`` (``contrast_host_bytes``);
+                       0 with ``nspo_eigh_on_cpu`` (then host RAM)
     forward            preservation batch ``b_p × s_p`` tokens: bf16 logits ``·V·2`` and one MLP's
                        intermediates ``·(2f + 4h)·2``
     NSPO state         ``W_ref`` + projector bases owned by the rank (``plan.memory_plan``); with
@@ -88,7 +90,8 @@ class Launch:
 
 def gpu_budget(config: dict, launch: Launch, nspo: dict) -> dict[str, dict[str, int]]:
     """``{phase: {term: bytes}}`` on the most loaded GPU (module docstring). ``nspo``: ``plan.memory_plan``'s
-    figures (``w_ref``, ``projector_max``, ``covariances_build``, ``widest_owned_group``, ``widest_weight``)."""
+    figures (``w_ref``, ``projector_max``, ``covariances_build``, ``widest_owned_group``, ``decomposition``,
+    ``widest_weight``)."""
     h, f, layers, vocab, _, kv, d = _shape(config)
     params, n = model_parameters(config), launch.num_processes
     g = launch.gpu_memory_gb * GB
@@ -107,7 +110,7 @@ def gpu_budget(config: dict, launch: Launch, nspo: dict) -> dict[str, dict[str, 
         "model shard": 2 * params // n if launch.backend == "zero3" else params * launch.weight_bytes,
         "gathered module": 2 * vocab * h if launch.backend == "zero3" else 0,
         "covariances": nspo["covariances_build"],
-        "eigh workspace": 0 if launch.eigh_on_cpu else eigh_host_bytes(widest),
+        "eigh workspace": 0 if launch.eigh_on_cpu else nspo["decomposition"],
         "forward": launch.preservation_batch * launch.preservation_length * (vocab * 2 + (2 * f + 4 * h) * 2),
         "NSPO state": nspo_state,
         "vLLM": vllm_idle,
@@ -134,6 +137,15 @@ def gpu_budget(config: dict, launch: Launch, nspo: dict) -> dict[str, dict[str, 
 def eigh_host_bytes(n: int) -> int:
     """Float64 ``eigh`` of an ``n × n`` covariance: its copy, the eigenvectors and ``syevd``'s workspace."""
     return (4 * n * n + 6 * n + 1) * 8
+
+
+def contrast_host_bytes(n: int) -> int:
+    """Float64 peak of ``SubspaceFactor.from_contrast`` for an ``n × n`` group beyond its covariances: float64
+    copies of ``C_g`` and ``C_t`` (none when they are float64 already), then ``C_g``'s eigenvectors, the whitening
+    ``W``, the eigenvectors ``w`` of ``Wᵀ C_t W``, ``w`` flipped, ``W w`` and its QR factors ``Q, R`` live at once
+    (9 ``n × n`` in all), more than at any earlier point (``eigh``'s ``syevd`` workspace is ``1 + 6n + 2n²``
+    words). Measured at ``n = 2048`` with float64 covariances: 6.6 ``n²`` words above the start."""
+    return (9 * n * n + 6 * n + 1) * 8
 
 
 def verdict(budget: dict[str, dict[str, int]], gpu_memory_gb: float) -> list[str]:

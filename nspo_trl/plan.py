@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from nspo_trl.arguments import parse
-from nspo_trl.gpu_budget import GB, Launch, eigh_host_bytes, gpu_budget, verdict
+from nspo_trl.gpu_budget import GB, Launch, contrast_host_bytes, eigh_host_bytes, gpu_budget, verdict
 from nspo_trl.nullspace.collect import covariance_chunks
 from nspo_trl.nullspace.sharding import assign_owners, group_costs, rank_loads
 from nspo_trl.nullspace.targets import expand_patterns
@@ -88,8 +88,14 @@ def memory_plan(
     num_processes: int = 1,
     backend: str = "ddp",
     build_memory_gb: float = 8.0,
+    covariance_copies: int = 1,
+    contrast: bool = False,
 ) -> dict[str, float]:
-    """Bytes of each item on the most loaded rank (see the module docstring); LoRA keeps no ``W_ref``."""
+    """Bytes of each item on the most loaded rank (see the module docstring); LoRA keeps no ``W_ref``.
+
+    ``covariance_copies`` (``NSPOConfig.build_covariance_copies``): covariances held per group at once, so a
+    pass covers the groups that fit ``1/copies`` of the build budget; ``contrast``: the subspace's
+    decomposition workspace (``gpu_budget.contrast_host_bytes``) instead of one ``eigh``'s."""
     linears = protected_linears(config, target_modules)
     widths = {group: n for _, _, n, group in linears}
     costs = group_costs(((g, 0 if lora else m, n) for _, m, n, g in linears), weight_bytes)
@@ -97,7 +103,7 @@ def memory_plan(
     loads = rank_loads(costs, owners, num_processes)
     busiest = max(range(num_processes), key=lambda r: loads[r])
     element = DTYPE_BYTES[covariance_dtype]
-    passes = covariance_chunks(widths, element, int(build_memory_gb * 2**30))
+    passes = covariance_chunks(widths, element, int(build_memory_gb * 2**30) // covariance_copies)
     params = sum(m * n for _, m, n, _ in linears)
     owned_params = 0 if lora else sum(m * n for _, m, n, g in linears if owners[g] == busiest)
     n = num_processes
@@ -113,11 +119,12 @@ def memory_plan(
         "w_ref": owned_params * weight_bytes,
         "projector_max": sum(widths[g] * (widths[g] // 2) * 4 for g, r in owners.items() if r == busiest),
         "communication": communication if n > 1 else 0,
-        "covariances_all": sum(w * w * DTYPE_BYTES[covariance_dtype] for w in widths.values()),
+        "covariances_all": covariance_copies * sum(w * w * DTYPE_BYTES[covariance_dtype] for w in widths.values()),
         # the build runs one pass over the preservation data per chunk; a rank holds one chunk at a time
         "build_passes": len(passes),
-        "covariances_build": max(sum(widths[g] ** 2 * element for g in chunk) for chunk in passes),
+        "covariances_build": covariance_copies * max(sum(widths[g] ** 2 * element for g in chunk) for chunk in passes),
         "widest_owned_group": max(widths.values()),  # any rank may own it: the eigh peak is its
+        "decomposition": (contrast_host_bytes if contrast else eigh_host_bytes)(max(widths.values())),
         "widest_weight": max(m * n_in for _, m, n_in, _ in linears),
         "reference_dense_p": sum(n_in * n_in * 4 for _, _, n_in, _ in linears),
         "reference_w_ref": params * 4,
@@ -155,6 +162,8 @@ def plan_report(
         num_processes=num_processes,
         backend=backend,
         build_memory_gb=training_args.nspo_build_memory_gb,
+        covariance_copies=training_args.build_covariance_copies,
+        contrast=training_args.nspo_subspace == "contrast",
     )
     ours = plan["w_ref"] + plan["projector_max"]
     reference = plan["reference_w_ref"] + plan["reference_dense_p"]
@@ -197,7 +206,7 @@ def plan_report(
     )
     budget = gpu_budget(config, launch, plan)
     if training_args.nspo_eigh_on_cpu:
-        host = eigh_host_bytes(plan["widest_owned_group"]) / GB
+        host = plan["decomposition"] / GB
         out.append(f"  eigh on the CPU (nspo_eigh_on_cpu): {host:.1f} GB of host RAM per process, not on the GPU")
     if training_args.nspo_projector_offload:
         offloaded = plan["projector_max"] / GB

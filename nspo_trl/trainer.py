@@ -205,7 +205,7 @@ class NSPOTrainer(GRPOTrainer):
         widths = {group: full_shape(modules[group].weight)[1] for group in dict.fromkeys(groups.values())}
         element = torch.finfo(args.covariance_torch_dtype).bits // 8
         # contrast holds each group's C and C_train (and C_benign) side by side: a half (third) of the groups per pass
-        budget = int(args.nspo_build_memory_gb * 2**30) // (1 + int(contrast) + int(bool(protected)))
+        budget = int(args.nspo_build_memory_gb * 2**30) // args.build_covariance_copies
         passes = covariance_chunks(widths, element, budget)
         probes = {}
         if heldout:  # first: a contrast subspace is sized on them
@@ -231,9 +231,8 @@ class NSPOTrainer(GRPOTrainer):
                     only=chunk,
                 )  # fmt: skip
                 benign_stats.reduce_to_owners(owners)
-                for group, covariance in benign_stats.covariances.items():
-                    stats.covariances[group] += covariance
-                del benign_stats
+                for group in list(benign_stats.covariances):  # each freed once added
+                    stats.covariances[group] += benign_stats.covariances.pop(group)
             # decompose on the owner at once, so a rank never holds more than one pass of covariances
             owned = list(stats.covariances)
             for group in tqdm(owned, desc="NSPO eigendecompositions", disable=not self.accelerator.is_main_process):

@@ -6,6 +6,7 @@ import torch
 from test_trainer import make_trainer, nspo_args
 
 from nspo_trl.nullspace import collect
+from nspo_trl.plan import memory_plan, model_config
 
 
 class CovarianceMeter:
@@ -61,3 +62,32 @@ def test_a_budgeted_build_equals_the_single_pass_build_and_stays_under_budget(
     for split, rows in whole.probes.items():
         assert rows.keys() == passes.probes[split].keys()
         assert all(torch.equal(rows[g], passes.probes[split][g]) for g in rows), split
+
+
+def test_a_contrast_build_holds_its_three_covariances_within_the_budget_and_as_planned(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path, monkeypatch
+):
+    """``nspo_subspace: contrast`` with ``nspo_contrast_protect_benign`` holds ``C``, ``C_train`` and ``C_benign``
+    of a pass at once: in one pass three times every group's covariance, which is what ``plan.memory_plan``
+    states; with a budget of three times the largest group, never more than the budget, and the same projector."""
+    contrast = dict(nspo_subspace="contrast", nspo_contrast_budget=1e-2, nspo_contrast_protect_benign=True)
+    meter = CovarianceMeter(monkeypatch)
+    whole = build(tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path / "one", **contrast)
+    widths = {group: factor.in_features for group, factor in whole.factors.items()}
+    assert meter.peak == 3 * sum(w * w * 8 for w in widths.values())
+    planned = memory_plan(
+        model_config(str(tiny_model_dir)), ["mlp"], 4, "float64", covariance_copies=3, contrast=True
+    )["covariances_build"]
+    assert planned == meter.peak
+
+    meter.peak, meter.live = 0, []
+    budget = 3 * max(w * w * 8 for w in widths.values())
+    passes = build(
+        tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path / "many",
+        nspo_build_memory_gb=budget / 2**30, **contrast,
+    )  # fmt: skip
+    assert meter.peak <= budget < 3 * sum(w * w * 8 for w in widths.values())
+    assert passes.metadata == whole.metadata
+    for group, factor in whole.factors.items():
+        assert passes.factors[group].null_dim == factor.null_dim, group
+        assert torch.allclose(passes.factors[group].dense(), factor.dense(), atol=1e-6), group

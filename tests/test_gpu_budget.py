@@ -73,6 +73,22 @@ def test_qwen7b_on_eight_80gb_gpus_every_term(capsys):
     assert on_gpu["build"]["eigh workspace"] == gb((4 * widest**2 + 6 * widest + 1) * 8) == 11.5
 
 
+def test_qwen7b_contrast_build_holds_three_covariances_and_a_larger_workspace(capsys):
+    """A contrast subspace protecting the benign prompts holds C, C_train and C_benign per group: a third of the
+    1.5 GiB budget is less than down_proj's C alone, so each down_proj pass holds its three (4.3 GB). Its
+    decomposition keeps 9 float64 n × n matrices live at once (float64 copies of C and C_train; C's eigenvectors;
+    the whitening W; the eigenvectors of Wᵀ C_train W, flipped; W w; Q and R)."""
+    gb = lambda value: round(value / GB, 1)  # noqa: E731
+    contrast = ("--nspo_subspace", "contrast", "--nspo_contrast_protect_benign", "true")
+    phases, fits = budget_lines(capsys, "qwen7b", RANKS, 80.0, *contrast)
+    assert phases["build"]["covariances"] == gb(3 * F * F * 4) == 4.3
+    assert "eigh workspace" not in phases["build"] and fits  # the recipe decomposes on the CPU
+    on_gpu, _ = budget_lines(capsys, "qwen7b", RANKS, 80.0, *contrast, "--nspo_eigh_on_cpu", "false")
+    assert on_gpu["build"]["eigh workspace"] == gb((9 * F * F + 6 * F + 1) * 8) == 25.8
+    plain, _ = budget_lines(capsys, "qwen7b", RANKS, 80.0, "--nspo_subspace", "contrast")
+    assert plain["build"]["covariances"] == gb(2 * F * F * 4)  # C and C_train
+
+
 def test_qwen7b_lora_on_one_80gb_gpu_every_term(capsys):
     """One GPU owns every group: its bases (<= n·n/2·4 bytes each) sit in host RAM (nspo_projector_offload)."""
     phases, fits = budget_lines(capsys, "qwen7b_lora", 1)
