@@ -308,7 +308,7 @@ def plot(runs: list[dict], out: Path) -> None:
         ax.set_ylabel(f"unsafe rate, {judge} judge")
         ax.set_ylim(-0.03, 1.05)
         ax.set_title(f"Held-out harmful prompts, {judge} judge: one point per run")
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
     fig.savefig(out / "safety_vs_drift.png", dpi=120)
     plt.close(fig)
 
@@ -337,7 +337,7 @@ def plot(runs: list[dict], out: Path) -> None:
         ax.set_xlabel(drift_label)
     axes[0][0].set_title("Along training, one point per quick evaluation: safety")
     axes[0][1].set_title("… and over-refusal (both: lower is better)")
-    axes[0][0].legend(fontsize=8)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
     fig.savefig(out / "paths.png", dpi=120)
     plt.close(fig)
 
