@@ -55,7 +55,12 @@ from nspo_trl.train import build_trainer, prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECTOR_FIELDS = ("--nspo_", "--preservation_")  # the overrides a projector depends on, except:
-TRAINING_ONLY_FIELDS = ("--nspo_project_every", "--nspo_project_gradients", "--nspo_trainable_parameters")
+TRAINING_ONLY_FIELDS = (
+    "--nspo_project_every",
+    "--nspo_project_gradients",
+    "--nspo_trainable_parameters",
+    "--nspo_null_space_adamw",
+)
 # the recipe is NSPO `full` with gradient projection at lr 3e-4; every other method states what it changes
 GRPO = ["--nspo_project_every", "0", "--nspo_project_gradients", "false", "--nspo_target_modules", "mlp"]
 METHODS: dict[str, list[str]] = {
@@ -65,6 +70,9 @@ METHODS: dict[str, list[str]] = {
     "nspo_full": ["--nspo_project_gradients", "false"],
     "nspo_mlp_gradproj": ["--nspo_target_modules", "mlp", "--learning_rate", "3e-5"],
     "nspo_full_gradproj": [],
+    # the optimizer comparison (#17): AdamW in null-space coordinates; SGD + momentum on projected gradients
+    "nspo_full_null_adamw": ["--nspo_null_space_adamw", "true"],
+    "nspo_full_sgd": ["--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.3"],
 }
 QUICK_HARMFUL, QUICK_ALARMING, QUICK_TOKENS = 24, 16, 24  # each quick evaluation along training
 TRANSFER_SET = "nspo_trl:harmbench"  # held-out HarmBench: long behaviours, unlike Do-Not-Answer's direct requests
@@ -79,6 +87,8 @@ LABELS = {
     "nspo_full": "NSPO, full (lr 3e-4)",
     "nspo_mlp_gradproj": "NSPO, MLP + gradient projection (lr 3e-5)",
     "nspo_full_gradproj": "NSPO, full + gradient projection (lr 3e-4): the recipe",
+    "nspo_full_null_adamw": "NSPO, full, AdamW in null-space coordinates (lr 3e-4)",
+    "nspo_full_sgd": "NSPO, full + gradient projection, SGD momentum 0.9 (lr 0.3)",
 }
 
 

@@ -64,6 +64,13 @@ class NSPOConfig(GRPOConfig):
             Also project each protected gradient, `g ← g P`, before the optimizer step (the paper's
             Eq. 6), so Adam's moments only ever see null-space gradients; the weight projection after
             the step is kept as the exact safeguard. Not available under DeepSpeed.
+        nspo_null_space_adamw (`bool`, defaults to `False`):
+            Replace the optimizer by AdamW run in each protected weight's null-space coordinates
+            ([`~nspo_trl.nullspace.optimizer.NullSpaceAdamW`]: `W = W_ref + A U₀ᵀ`, AdamW on `A`): its
+            per-coordinate scaling no longer rotates steps out of the null space, so nothing of a step is
+            thrown away, and its moments take `k / n` of AdamW's memory. Uses `learning_rate`,
+            `adam_beta1/2`, `adam_epsilon`, `weight_decay` and the scheduler as AdamW would. One process
+            only (every rank would need every basis); not under DeepSpeed.
         nspo_num_preservation_samples (`int` or `None`):
             Use a random subset of this many preservation examples (seeded by `seed`; the paper: 1k Alpaca
             examples); `None` uses all.
@@ -124,6 +131,9 @@ class NSPOConfig(GRPOConfig):
     )
     nspo_project_gradients: bool = field(
         default=False, metadata={"help": "Also project gradients (g <- gP) before the optimizer step."}
+    )
+    nspo_null_space_adamw: bool = field(
+        default=False, metadata={"help": "AdamW in each protected weight's null-space coordinates (one process)."}
     )
     nspo_num_preservation_samples: int | None = field(
         default=None, metadata={"help": "Use a seeded random subset of this many preservation examples."}
@@ -197,6 +207,16 @@ class NSPOConfig(GRPOConfig):
             raise ValueError(
                 "nspo_contrast_protect_benign: applies to nspo_subspace 'contrast' only; set nspo_subspace: contrast "
                 "or drop it."
+            )
+        if self.nspo_null_space_adamw and not self.nspo_project_every:
+            raise ValueError(
+                "nspo_null_space_adamw: needs the projection (nspo_project_every >= 1); set it or drop the option."
+            )
+        optim = str(getattr(self.optim, "value", self.optim))
+        if self.nspo_null_space_adamw and not optim.startswith("adamw_torch"):
+            raise ValueError(
+                f"nspo_null_space_adamw: replaces the optimizer, so optim={optim} would be ignored; leave optim at "
+                "adamw_torch or drop nspo_null_space_adamw."
             )
         if isinstance(self.nspo_trainable_parameters, str):
             self.nspo_trainable_parameters = [self.nspo_trainable_parameters]

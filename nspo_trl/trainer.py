@@ -27,6 +27,7 @@ from nspo_trl.model_card import NSPO_CITATION, nspo_card_section
 from nspo_trl.nullspace.access import full_shape, gathered, gathered_one_module_at_a_time, parameter_access
 from nspo_trl.nullspace.collect import CovarianceCollector, covariance_chunks, run_collection
 from nspo_trl.nullspace.contrast import CONTRAST_RIDGE
+from nspo_trl.nullspace.optimizer import NullSpaceAdamW
 from nspo_trl.nullspace.projector import NullSpaceProjector, SubspaceFactor, tensor_digest
 from nspo_trl.nullspace.sharding import assign_owners, check_agreement, group_costs
 from nspo_trl.nullspace.targets import ProtectedLayer, resolve_protected_layers
@@ -108,6 +109,8 @@ class NSPOTrainer(GRPOTrainer):
                 "nspo_project_gradients: DeepSpeed keeps gradients in its own partitions; "
                 "set it to false (the weight projection alone is exact) or launch without DeepSpeed."
             )
+        if args.nspo_null_space_adamw:
+            self._check_null_space_adamw()
         self.protected_layers: list[ProtectedLayer] = resolve_protected_layers(self.model, args.nspo_target_modules)
         self.projector: NullSpaceProjector = self.build_projector(preservation_dataset).to(self.projector_device())
         zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
@@ -125,6 +128,30 @@ class NSPOTrainer(GRPOTrainer):
         self.projector.save(Path(args.output_dir) / "nspo_projector")
         if self.accelerator.is_main_process:
             _log_projector(self.projector)
+
+    def _check_null_space_adamw(self) -> None:
+        if self.is_deepspeed_enabled or self.accelerator.num_processes > 1:
+            raise NotImplementedError(
+                "nspo_null_space_adamw: runs in one process only (every rank would need every layer's null basis); "
+                "launch a single process, or use nspo_project_gradients (without DeepSpeed) or the default."
+            )
+        if self.optimizer is not None or self.optimizer_cls_and_kwargs is not None:
+            raise ValueError(
+                "nspo_null_space_adamw: replaces the optimizer, but one was passed (optimizers / "
+                "optimizer_cls_and_kwargs); pass neither or drop nspo_null_space_adamw."
+            )
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """With ``nspo_null_space_adamw``, [`NullSpaceAdamW`] over Trainer's usual decay / no-decay groups."""
+        if self.args.nspo_null_space_adamw and self.optimizer is None:
+            settings = {
+                "null_bases": self.constrained_update.null_bases(),
+                "lr": self.args.learning_rate,
+                "betas": (self.args.adam_beta1, self.args.adam_beta2),
+                "eps": self.args.adam_epsilon,
+            }
+            self.optimizer_cls_and_kwargs = (NullSpaceAdamW, settings)
+        return super().create_optimizer(model)
 
     # ------------------------------------------------------------------ projector
     def reference_fingerprint(self) -> str:

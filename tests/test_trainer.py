@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from nspo_trl import NSPOConfig, NSPOTrainer
+from nspo_trl.nullspace import NullSpaceAdamW
 from nspo_trl.rewards import refusal_reward
 from nspo_trl.tiny_model import build_tiny_model
 
@@ -260,13 +261,16 @@ def test_dora_is_rejected(tiny_model_dir, tokenizer, safety_prompts, preservatio
         )
 
 
+@pytest.mark.parametrize("null_space_adamw", [False, True])
 def test_resume_restores_state_and_continues_identically(
-    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path, null_space_adamw
 ):
+    """Bitwise, with AdamW or with ``NullSpaceAdamW`` (its ``(out, k)`` moments restored from the checkpoint)."""
+
     def args(out, **kw):
+        settings = {"save_strategy": "steps", "save_steps": 4, "max_steps": 8, **kw}
         return NSPOConfig(
-            output_dir=str(out),
-            **{**COMMON, **NSPO_COMMON, "save_strategy": "steps", "save_steps": 4, "max_steps": 8, **kw},
+            output_dir=str(out), nspo_null_space_adamw=null_space_adamw, **{**COMMON, **NSPO_COMMON, **settings}
         )
 
     straight = make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation_small, args(tmp_path / "a"))
@@ -324,6 +328,9 @@ def test_interval_projects_before_checkpoints(
         ({"nspo_contrast_budget": 1.0}, "nspo_contrast_budget"),
         ({"nspo_subspace": "contrast", "nspo_heldout_fraction": 0.0}, "nspo_heldout_fraction"),
         ({"nspo_contrast_protect_benign": True}, "nspo_contrast_protect_benign"),
+        ({"nspo_null_space_adamw": True, "nspo_project_every": 0}, "nspo_null_space_adamw"),
+        ({"nspo_null_space_adamw": True, "optim": "sgd"}, "nspo_null_space_adamw"),
+        ({"nspo_null_space_adamw": True, "optim": "adafactor"}, "nspo_null_space_adamw"),
         ({"nspo_trainable_parameters": ["no_such_parameter"]}, "nspo_trainable_parameters"),
         ({"nspo_trainable_parameters": ["mlp", "(unclosed"]}, "nspo_trainable_parameters"),
         ({"nspo_trainable_parameters": [" "]}, "nspo_trainable_parameters"),
@@ -447,6 +454,66 @@ def test_gradient_projection_keeps_adam_moments_in_the_null_space(
     for name in names:
         w = trainer.model.get_submodule(name).weight
         assert leakage(w, reference.get_submodule(name).weight, x[name]) <= 1e-6, name
+
+
+class RawLeakageSpy(TrainerCallback):
+    """After each optimizer step, before any projection (interval 100), the worst raw layer leakage."""
+
+    def __init__(self, layers, reference, inputs):
+        self.layers, self.reference, self.inputs, self.seen = layers, reference, inputs, []
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.seen.append(max(leakage(self.layers[n].weight, self.reference[n], self.inputs[n]) for n in self.layers))
+
+
+@pytest.mark.parametrize("null_space_adamw", [False, True])
+def test_null_space_adamw_steps_need_no_projection(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, preservation_sequences, tmp_path, null_space_adamw
+):
+    """``nspo_null_space_adamw``: the trainer's optimizer is AdamW on null-space coordinates, so the raw weights
+    after every step, before any projection, already leak nothing; AdamW's raw steps leak (the projection then
+    throws that part away). Its moments are ``(out, k)``."""
+    args = nspo_args(
+        tmp_path, max_steps=4, learning_rate=1e-2, nspo_project_every=100, nspo_null_space_adamw=null_space_adamw
+    )
+    trainer = make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation_small, args)
+    names = [layer.name for layer in trainer.protected_layers]
+    reference = load_reference(tiny_model_dir)
+    x = capture_inputs(reference, preservation_sequences, names, tokenizer.pad_token_id)
+    layers = {n: trainer.model.get_submodule(n) for n in names}
+    spy = RawLeakageSpy(layers, {n: reference.get_submodule(n).weight for n in names}, x)
+    trainer.add_callback(spy)
+    trainer.train()
+    assert len(spy.seen) == 4
+    optimizer = trainer.optimizer.optimizer  # under accelerate's AcceleratedOptimizer
+    if null_space_adamw:
+        assert isinstance(optimizer, NullSpaceAdamW)
+        assert max(spy.seen) <= 1e-6
+        for name, layer in layers.items():
+            k = trainer.projector.factor_for(name).null_dim
+            assert optimizer.state[layer.weight]["exp_avg"].shape == (layer.out_features, k)
+    else:
+        assert not isinstance(optimizer, NullSpaceAdamW)
+        assert min(spy.seen) >= 1e-3
+    for name, layer in layers.items():
+        assert leakage(layer.weight, reference.get_submodule(name).weight, x[name]) <= 1e-6, name
+        assert (layer.weight - reference.get_submodule(name).weight).norm() > 0, name
+
+
+def test_null_space_adamw_refuses_an_optimizer_passed_in(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    model = load_reference(tiny_model_dir)
+    with pytest.raises(ValueError, match="nspo_null_space_adamw") as info:
+        make_trainer(
+            model,
+            tokenizer,
+            safety_prompts,
+            preservation_small,
+            nspo_args(tmp_path, max_steps=1, nspo_null_space_adamw=True),
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,19 @@ class SubspaceFactor:
         along_basis = (delta @ basis) @ basis.T
         return along_basis if self.kind == "null" else delta - along_basis
 
+    def null_basis(self) -> torch.Tensor:
+        """An orthonormal basis ``U₀`` ``(n, k)`` of the null space itself (``P = U₀ U₀ᵀ``).
+
+        The stored basis when it is ``U₀``; otherwise the complement of the stored range basis, from a
+        complete QR of it (``O(n³)`` once, an ``n × n`` temporary).
+        """
+        if self.basis is None:
+            raise RuntimeError("this rank does not own the projector basis (ask the owner rank)")
+        if self.kind == "null":
+            return self.basis
+        complete, _ = torch.linalg.qr(self.basis.double(), mode="complete")
+        return complete[:, self.stored_dim :].to(self.basis.dtype).contiguous()
+
     def dense(self) -> torch.Tensor:
         """The explicit ``(n, n)`` projector (for tests and small layers only)."""
         eye = torch.eye(self.in_features, dtype=self.basis.dtype, device=self.basis.device)

@@ -138,6 +138,23 @@ class ConstrainedUpdate:
                     if world > 1:
                         torch.distributed.broadcast(param.grad, src=owner)
 
+    def null_bases(self) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """Every trainable constrained parameter → its group's null basis ``U₀`` ``(n, k)`` (one per group).
+
+        For :class:`~nspo_trl.nullspace.optimizer.NullSpaceAdamW`; needs every basis on this rank, i.e. a
+        single process (under data parallelism each owner holds only its own groups').
+        """
+        by_group: dict[str, torch.Tensor] = {}
+        bases = {}
+        for layer in self.layers:
+            group = self.projector.groups[layer.name]
+            for param in _constrained_params(layer):
+                if param.requires_grad:
+                    if group not in by_group:
+                        by_group[group] = self.projector.factors[group].null_basis()
+                    bases[param] = by_group[group]
+        return bases
+
     @torch.no_grad()
     def weight_delta(self, layer: ProtectedLayer) -> torch.Tensor:
         """``W − W_ref`` (``(m, n)``, float32) on the layer's owner; for LoRA the merged ``Σ s·B A``."""
