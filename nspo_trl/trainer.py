@@ -30,7 +30,7 @@ from nspo_trl.nullspace.contrast import CONTRAST_RIDGE
 from nspo_trl.nullspace.optimizer import NullSpaceAdamW
 from nspo_trl.nullspace.projector import NullSpaceProjector, SubspaceFactor, tensor_digest
 from nspo_trl.nullspace.sharding import assign_owners, check_agreement, group_costs
-from nspo_trl.nullspace.targets import ProtectedLayer, resolve_protected_layers
+from nspo_trl.nullspace.targets import ProtectedLayer, resolve_protected_layers, untie_output_embeddings
 from nspo_trl.nullspace.update import ConstrainedUpdate
 from nspo_trl.preservation import iter_batches, sequences_digest, split_heldout, tokenize_preservation
 from nspo_trl.vllm_sync import use_vllm_reload
@@ -97,6 +97,8 @@ class NSPOTrainer(GRPOTrainer):
         super().__init__(
             model, reward_funcs, args, train_dataset, eval_dataset, processing_class, *grpo_args, **kwargs
         )
+        # rows of the model card's NSPO section (nspo-trl train adds the base model, data, reward and judge)
+        self.card_details: dict[str, str] = {"reward": ", ".join(self.reward_func_names)}
         if args.use_vllm and use_vllm_reload(self.vllm_generation):
             logger.info("vLLM repacks its weights on this platform: weights are synced with vLLM's reload_weights")
         if self.is_fsdp_enabled:
@@ -111,6 +113,8 @@ class NSPOTrainer(GRPOTrainer):
             )
         if args.nspo_null_space_adamw:
             self._check_null_space_adamw()
+        if args.nspo_untie_word_embeddings:
+            self._untie_word_embeddings()
         self.protected_layers: list[ProtectedLayer] = resolve_protected_layers(self.model, args.nspo_target_modules)
         self.projector: NullSpaceProjector = self.build_projector(preservation_dataset).to(self.projector_device())
         zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
@@ -122,8 +126,6 @@ class NSPOTrainer(GRPOTrainer):
         self._state_digests: dict | None = None  # digests of output_dir/_nspo_state once written (main)
         self._grad_null_fraction: float | None = None
         self._last_leakage: dict[str, dict[str, float]] | None = None
-        # rows of the model card's NSPO section (nspo-trl train adds the base model, data, reward and judge)
-        self.card_details: dict[str, str] = {"reward": ", ".join(self.reward_func_names)}
         self.add_callback(_NSPOCallback(self))
         self.projector.save(Path(args.output_dir) / "nspo_projector")
         if self.accelerator.is_main_process:
@@ -140,6 +142,18 @@ class NSPOTrainer(GRPOTrainer):
                 "nspo_null_space_adamw: replaces the optimizer, but one was passed (optimizers / "
                 "optimizer_cls_and_kwargs); pass neither or drop nspo_null_space_adamw."
             )
+
+    def _untie_word_embeddings(self) -> None:
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if zero3 or hasattr(self.model, "peft_config"):
+            raise NotImplementedError(
+                "nspo_untie_word_embeddings: ZeRO-3 has already partitioned the shared matrix and PEFT trains "
+                "adapters, not lm_head; untie the checkpoint itself (tie_word_embeddings: false) or drop the option."
+            )
+        added = untie_output_embeddings(self.accelerator.unwrap_model(self.model))
+        if added:
+            self.card_details["output layer"] = f"untied from the input embeddings (+{added / 1e6:.1f}M parameters)"
+            logger.info("NSPO: lm_head untied from the input embeddings (+%.1fM parameters)", added / 1e6)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """With ``nspo_null_space_adamw``, [`NullSpaceAdamW`] over Trainer's usual decay / no-decay groups."""

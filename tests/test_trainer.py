@@ -329,6 +329,7 @@ def test_interval_projects_before_checkpoints(
         ({"nspo_subspace": "contrast", "nspo_heldout_fraction": 0.0}, "nspo_heldout_fraction"),
         ({"nspo_contrast_protect_benign": True}, "nspo_contrast_protect_benign"),
         ({"nspo_null_space_adamw": True, "nspo_project_every": 0}, "nspo_null_space_adamw"),
+        ({"nspo_untie_word_embeddings": True, "use_vllm": True}, "nspo_untie_word_embeddings"),
         ({"nspo_null_space_adamw": True, "optim": "sgd"}, "nspo_null_space_adamw"),
         ({"nspo_null_space_adamw": True, "optim": "adafactor"}, "nspo_null_space_adamw"),
         ({"nspo_trainable_parameters": ["no_such_parameter"]}, "nspo_trainable_parameters"),
@@ -512,6 +513,68 @@ def test_null_space_adamw_refuses_an_optimizer_passed_in(
             preservation_small,
             nspo_args(tmp_path, max_steps=1, nspo_null_space_adamw=True),
             optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
+    assert "\n" not in str(info.value)
+
+
+def test_untied_output_layer_trains_inside_its_own_null_space(
+    tokenizer, safety_prompts, preservation_small, preservation_sequences, tmp_path
+):
+    """``nspo_untie_word_embeddings`` under ``full``: a tied ``lm_head`` gets its own copy, protected by the null
+    space of the final hidden states; it moves, leaks nothing, the embeddings stay put, and a reload keeps the
+    two apart."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = str(
+        build_tiny_model(tmp_path / "model", hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
+    )
+    reference = load_reference(model_dir)
+    assert reference.lm_head.weight is reference.model.embed_tokens.weight
+    args = nspo_args(
+        tmp_path, max_steps=6, learning_rate=1e-2, nspo_target_modules=["full"], nspo_untie_word_embeddings=True
+    )
+    trainer = make_trainer(model_dir, tokenizer, safety_prompts, preservation_small, args)
+    assert "lm_head" in {layer.name for layer in trainer.protected_layers}
+    x = capture_inputs(reference, preservation_sequences, ["lm_head"], tokenizer.pad_token_id)["lm_head"]
+    trainer.train()
+    head, embeddings = trainer.model.lm_head.weight, trainer.model.model.embed_tokens.weight
+    torch.testing.assert_close(embeddings, reference.model.embed_tokens.weight, rtol=0, atol=0)
+    assert (head - reference.lm_head.weight).norm() > 1e-3
+    assert leakage(head, reference.lm_head.weight, x) <= 1e-6
+    vocab, hidden = head.shape
+    assert (
+        trainer.card_details["output layer"]
+        == f"untied from the input embeddings (+{vocab * hidden / 1e6:.1f}M parameters)"
+    )
+    trainer.save_model()
+    reloaded = load_reference(args.output_dir)
+    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    torch.testing.assert_close(reloaded.lm_head.weight, head.detach(), rtol=0, atol=0)
+    assert AutoModelForCausalLM.from_pretrained(args.output_dir).config.tie_word_embeddings is False
+
+
+def test_untying_an_untied_model_changes_nothing(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    args = nspo_args(tmp_path, max_steps=1, nspo_target_modules=["full"], nspo_untie_word_embeddings=True)
+    trainer = make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation_small, args)
+    assert "output layer" not in trainer.card_details
+    assert sum(p.numel() for p in trainer.model.parameters()) == sum(
+        p.numel() for p in load_reference(tiny_model_dir).parameters()
+    )
+
+
+def test_untying_is_refused_under_peft(tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path):
+    from peft import LoraConfig
+
+    with pytest.raises(NotImplementedError, match="nspo_untie_word_embeddings") as info:
+        make_trainer(
+            tiny_model_dir,
+            tokenizer,
+            safety_prompts,
+            preservation_small,
+            nspo_args(tmp_path, max_steps=1, nspo_untie_word_embeddings=True),
+            peft_config=LoraConfig(r=4, target_modules=["gate_proj"], task_type="CAUSAL_LM"),
         )
     assert "\n" not in str(info.value)
 

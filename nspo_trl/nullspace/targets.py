@@ -134,6 +134,24 @@ def _lora_a(name: str, lora_layer: nn.Module | None, skip_adapters: Sequence[str
     return out
 
 
+def untie_output_embeddings(model: nn.Module) -> int:
+    """Give an ``lm_head`` tied to the input embeddings its own weight, a copy of the shared ``(V, d)`` matrix.
+
+    The model computes the same logits; the output layer can then be protected on its own (its inputs are
+    the final hidden states) while the embeddings stay as they are. ``config.tie_word_embeddings`` is set
+    to false so that ``save_pretrained`` writes both matrices and a reload keeps them apart. Returns the
+    number of parameters added (``V · d``), 0 when the model was not tied.
+    """
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return 0
+    out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers' record of which weights are shared
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return out.weight.numel()
+
+
 def _drop_tied_output_embedding(model: nn.Module, candidates: dict) -> None:
     """Under ``full``, an ``lm_head`` tied to the input embeddings cannot be protected on its own."""
     get_out = getattr(model, "get_output_embeddings", None)
@@ -148,6 +166,6 @@ def _drop_tied_output_embedding(model: nn.Module, candidates: dict) -> None:
             del candidates[name]
             logger.warning(
                 "NSPO 'full' preset: %s is tied to the input embeddings, so it stays frozen with them "
-                "(untie the embeddings to let NSPO train it inside its null space).",
+                "(set nspo_untie_word_embeddings to let NSPO train it inside its own null space).",
                 name,
             )
