@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nspo_trl.nullspace.projector import NullSpaceProjector, SubspaceFactor
+from nspo_trl.nullspace.projector import NullSpaceProjector, SubspaceFactor, tensor_digest
 from nspo_trl.nullspace.rule import NullSpaceRule
 from nspo_trl.nullspace.sharding import assign_owners, rank_loads
 
@@ -161,3 +161,13 @@ def test_unreadable_projector_is_one_line_naming_the_file(tmp_path, case):
         NullSpaceProjector.load(directory)
     message = str(info.value)
     assert named in message and str(directory) in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("numel", [4096, 884_736, 28_311_552, 67_895_296])  # up to Qwen2.5-7B's gate_proj
+def test_tensor_digest_samples_the_last_element_of_any_size(numel):
+    """Past 2^24 elements float32 spacing rounds the last sampled index to ``numel``; the digest still reads the
+    last element (and no further), and a change there changes it."""
+    tensor = torch.zeros(numel)
+    before = tensor_digest({"w": tensor})
+    tensor[-1] = 1.0
+    assert tensor_digest({"w": tensor}) != before

@@ -426,6 +426,9 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor], sample: int = 4096) -> st
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         flat = tensor.reshape(-1)
         if flat.numel():
-            index = torch.linspace(0, flat.numel() - 1, min(sample, flat.numel())).long().to(flat.device)
+            # float32 spacing rounds the last index up to numel past 2^24 elements (a 7B MLP weight); the clamp keeps
+            # every smaller tensor's digest, and so every stored projector and checkpoint, as it was
+            index = torch.linspace(0, flat.numel() - 1, min(sample, flat.numel())).long().clamp_(max=flat.numel() - 1)
+            index = index.to(flat.device)
             digest.update(flat[index].to(torch.float64).cpu().numpy().tobytes())
     return digest.hexdigest()
