@@ -124,7 +124,7 @@ class NSPOTrainer(GRPOTrainer):
         self._freeze_outside_trainable_parameters()
         self._dirty = False
         self._state_digests: dict | None = None  # digests of output_dir/_nspo_state once written (main)
-        self._grad_null_fraction: float | None = None
+        self._grad_null_fraction: dict[str, float] = {}  # ‖gP‖/‖g‖, overall and per layer kind
         self._last_leakage: dict[str, dict[str, float]] | None = None
         self.add_callback(_NSPOCallback(self))
         self.projector.save(Path(args.output_dir) / "nspo_projector")
@@ -475,8 +475,8 @@ class NSPOTrainer(GRPOTrainer):
                 metrics[f"nspo/leakage_{split}"] = max(values)
                 metrics[f"nspo/leakage_{split}_mean"] = sum(values) / len(values)
         metrics["nspo/null_fraction"] = self.projector.summary()["null_fraction"]
-        if self._grad_null_fraction is not None:
-            metrics["nspo/grad_null_fraction"] = self._grad_null_fraction
+        for kind, fraction in self._grad_null_fraction.items():
+            metrics["nspo/grad_null_fraction" + ("" if kind == "all" else f"_{kind}")] = fraction
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

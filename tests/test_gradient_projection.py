@@ -57,3 +57,50 @@ def test_frozen_or_gradless_parameters_are_skipped():
     update.project_gradients_()
     assert torch.equal(model.mlp[0].weight.grad, torch.ones_like(model.mlp[0].weight))
     assert model.mlp[1].weight.grad is None
+
+
+class ThreeKinds(torch.nn.Module):
+    """One linear of each kind the gradient null fraction is reported by: MLP, attention and the output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Module()])
+        self.layers[0].mlp = torch.nn.Module()
+        self.layers[0].mlp.up_proj = torch.nn.Linear(8, 5, bias=False)
+        self.layers[0].self_attn = torch.nn.Module()
+        self.layers[0].self_attn.q_proj = torch.nn.Linear(8, 4, bias=False)
+        self.lm_head = torch.nn.Linear(6, 7, bias=False)
+
+
+def test_gradient_null_fraction_overall_and_per_layer_kind():
+    """``‖gP‖/‖g‖`` per kind and overall, against the dense projectors by hand; a gradless kind is left out."""
+    torch.manual_seed(1)
+    model = ThreeKinds()
+    names = {"mlp": "layers.0.mlp.up_proj", "attention": "layers.0.self_attn.q_proj", "other": "lm_head"}
+    inputs = {
+        names["mlp"]: torch.randn(3, 8, dtype=torch.float64),
+        names["attention"]: torch.randn(6, 8, dtype=torch.float64),
+        names["other"]: torch.randn(2, 6, dtype=torch.float64),
+    }
+    covariances = {name: x.T @ x for name, x in inputs.items()}
+    projector = NullSpaceProjector.from_covariances(covariances, {n: n for n in covariances}, NullSpaceRule(1e-10))
+    update = ConstrainedUpdate(resolve_protected_layers(model, list(covariances)), projector)
+    kept, total = {}, {}
+    for kind, name in names.items():
+        g = torch.randn_like(model.get_submodule(name).weight)
+        model.get_submodule(name).weight.grad = g
+        kept[kind] = float((g.double() @ projector.factor_for(name).dense().double()).pow(2).sum())
+        total[kind] = float(g.double().pow(2).sum())
+    fractions = update.gradient_null_fraction()
+    assert set(fractions) == {"mlp", "attention", "other", "all"}
+    for kind in names:
+        assert abs(fractions[kind] - (kept[kind] / total[kind]) ** 0.5) <= 1e-6, kind
+    expected_all = (sum(kept.values()) / sum(total.values())) ** 0.5
+    assert abs(fractions["all"] - expected_all) <= 1e-6
+    assert len({round(f, 3) for f in fractions.values()}) == 4  # different null spaces give different shares
+
+    model.lm_head.weight.grad = None
+    assert set(update.gradient_null_fraction()) == {"mlp", "attention", "all"}
+    for name in names.values():
+        model.get_submodule(name).weight.grad = None
+    assert update.gradient_null_fraction() == {}

@@ -99,6 +99,11 @@ def test_mlp_targets_twenty_steps_leak_nothing(
     assert max(trainer.leakage()["fit"].values()) <= 1e-6
     logged = [log for log in trainer.state.log_history if "nspo/leakage_fit" in log]
     assert logged and all(log["nspo/leakage_fit"] <= 1e-6 for log in logged)
+    # the share of the gradient the null space lets through, overall and for the only protected kind (MLP)
+    shares = [log for log in trainer.state.log_history if "nspo/grad_null_fraction" in log]
+    assert shares and all(0 < log["nspo/grad_null_fraction"] < 1 for log in shares)
+    assert all(log["nspo/grad_null_fraction_mlp"] == log["nspo/grad_null_fraction"] for log in shares)
+    assert not any("nspo/grad_null_fraction_attention" in log for log in trainer.state.log_history)
 
 
 def test_paper_alpha_obeys_its_leakage_bound(

@@ -51,6 +51,14 @@ class ProtectedLayer:
         return self.lora_layer is not None
 
 
+def layer_kind(name: str) -> str:
+    """``"mlp"`` or ``"attention"`` when the preset of that name matches the module, else ``"other"`` (``lm_head``)."""
+    for kind in ("mlp", "attention"):
+        if re.search(PRESETS[kind], name):
+            return kind
+    return "other"
+
+
 def normalize_name(name: str) -> str:
     """``base_model.model.model.layers.0.mlp.up_proj.base_layer`` → ``model.layers.0.mlp.up_proj``."""
     name = name.removeprefix("base_model.model.")

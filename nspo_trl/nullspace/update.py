@@ -26,7 +26,7 @@ import torch
 from nspo_trl.nullspace.access import ParameterAccess, gathered, snapshot_on_owner
 from nspo_trl.nullspace.projector import NullSpaceProjector
 from nspo_trl.nullspace.sharding import all_gather_objects, all_reduce_sum, rank_and_world
-from nspo_trl.nullspace.targets import ProtectedLayer
+from nspo_trl.nullspace.targets import ProtectedLayer, layer_kind
 
 
 @contextmanager
@@ -185,25 +185,32 @@ class ConstrainedUpdate:
         return {layer.name: merged[layer.name] for layer in self.layers if layer.name in merged}
 
     @torch.no_grad()
-    def gradient_null_fraction(self) -> float | None:
-        """``‖g P‖ / ‖g‖`` over all constrained parameters with a visible gradient (None if none is).
+    def gradient_null_fraction(self) -> dict[str, float]:
+        """``‖g P‖ / ‖g‖`` over the trainable constrained parameters with a visible gradient.
 
-        Each owner measures its layers; the sums are all-reduced. Not available under DeepSpeed,
-        which keeps gradients in its own partitions.
+        Overall (``"all"``) and per layer kind (``"mlp"``, ``"attention"``, ``"other"``, e.g. ``lm_head``): how
+        much of each part of the gradient the null space lets through. Kinds without a gradient are left out
+        (an empty dict when none has one). Each owner measures its layers; the sums are all-reduced. Not
+        available under DeepSpeed, which keeps gradients in its own partitions.
         """
         rank, _ = rank_and_world()
-        kept = total = 0.0
+        kinds = ("mlp", "attention", "other")
+        sums = [0.0] * (2 * len(kinds))  # kept, total per kind
         for layer in self.layers:
             if rank != self.owner(layer):
                 continue
+            slot = 2 * kinds.index(layer_kind(layer.name))
             for p in _constrained_params(layer):
                 if p.grad is None:
                     continue
                 g = p.grad.float()
-                kept += float(self.projector.apply(layer.name, g).pow(2).sum())
-                total += float(g.pow(2).sum())
-        kept, total = all_reduce_sum([kept, total])
-        return (kept / total) ** 0.5 if total > 0 else None
+                sums[slot] += float(self.projector.apply(layer.name, g).pow(2).sum())
+                sums[slot + 1] += float(g.pow(2).sum())
+        sums = all_reduce_sum(sums)
+        fractions = {kind: (sums[2 * i] / sums[2 * i + 1]) ** 0.5 for i, kind in enumerate(kinds) if sums[2 * i + 1]}
+        if total := sum(sums[1::2]):
+            fractions["all"] = (sum(sums[0::2]) / total) ** 0.5
+        return fractions
 
 
 def _constrained_params(layer: ProtectedLayer) -> list[torch.nn.Parameter]:
