@@ -72,7 +72,7 @@ METHODS: dict[str, list[str]] = {
     "nspo_full_gradproj": [],
     # the optimizer comparison (#17): AdamW in null-space coordinates; SGD + momentum on projected gradients
     "nspo_full_null_adamw": ["--nspo_null_space_adamw", "true"],
-    "nspo_full_sgd": ["--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.3"],
+    "nspo_full_sgd": ["--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "1.0"],
 }
 QUICK_HARMFUL, QUICK_ALARMING, QUICK_TOKENS = 24, 16, 24  # each quick evaluation along training
 TRANSFER_SET = "nspo_trl:harmbench"  # held-out HarmBench: long behaviours, unlike Do-Not-Answer's direct requests
@@ -88,7 +88,7 @@ LABELS = {
     "nspo_mlp_gradproj": "NSPO, MLP + gradient projection (lr 3e-5)",
     "nspo_full_gradproj": "NSPO, full + gradient projection (lr 3e-4): the recipe",
     "nspo_full_null_adamw": "NSPO, full, AdamW in null-space coordinates (lr 3e-4)",
-    "nspo_full_sgd": "NSPO, full + gradient projection, SGD momentum 0.9 (lr 0.3)",
+    "nspo_full_sgd": "NSPO, full + gradient projection, SGD momentum 0.9 (lr 1)",
 }
 
 
