@@ -20,6 +20,7 @@ import torch
 
 from nspo_trl.eval.drift import drift_report
 from nspo_trl.generation import generate_responses
+from nspo_trl.nullspace.targets import layer_kind
 from nspo_trl.rewards.refusal import DECLINE_PATTERN, REFUSAL_PATTERN, normalise
 
 
@@ -70,8 +71,7 @@ def layer_kind_leakage(model, reference, sequences: list[list[int]], pad_token_i
     report = drift_report(model, reference, sequences, pad_token_id, ["full"], progress=False)
     kinds = {"mlp": 0.0, "attention": 0.0}
     for name, layer in report["layers"].items():
-        kind = "mlp" if ".mlp." in name else "attention" if ".self_attn." in name else None
-        if kind:
+        if (kind := layer_kind(name)) in kinds:
             kinds[kind] = max(kinds[kind], layer["leakage"])
     tokens = torch.tensor(sorted({t for s in sequences for t in s}))
     emb, emb_ref = model.get_input_embeddings().weight, reference.get_input_embeddings().weight

@@ -150,24 +150,33 @@ def untie_output_embeddings(model: nn.Module) -> int:
     to false so that ``save_pretrained`` writes both matrices and a reload keeps them apart. Returns the
     number of parameters added (``V · d``), 0 when the model was not tied.
     """
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    if out is None or inp is None or out.weight is not inp.weight:
+    out = tied_output_embedding(model)
+    if out is None:
         return 0
-    out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+    shared = out.weight
+    out.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
     model.config.tie_word_embeddings = False
     if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers' record of which weights are shared
         model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
     return out.weight.numel()
 
 
-def _drop_tied_output_embedding(model: nn.Module, candidates: dict) -> None:
-    """Under ``full``, an ``lm_head`` tied to the input embeddings cannot be protected on its own."""
+def tied_output_embedding(model: nn.Module) -> nn.Module | None:
+    """The output layer (``lm_head``) when it shares its weight with the input embeddings, else None."""
     get_out = getattr(model, "get_output_embeddings", None)
     get_in = getattr(model, "get_input_embeddings", None)
     if get_out is None or get_in is None:
-        return
+        return None
     out, inp = get_out(), get_in()
     if out is None or inp is None or out.weight is not inp.weight:
+        return None
+    return out
+
+
+def _drop_tied_output_embedding(model: nn.Module, candidates: dict) -> None:
+    """Under ``full``, an ``lm_head`` tied to the input embeddings cannot be protected on its own."""
+    out = tied_output_embedding(model)
+    if out is None:
         return
     for name, (linear, _) in list(candidates.items()):
         if linear is out:
