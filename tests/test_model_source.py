@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -78,6 +81,30 @@ def test_conversion_runs_once_and_is_reused(fake_package):
     assert resolve_model_path("org/fake-model") == first
     assert len(fake_package) == 1
     assert Path(first).name == "org--fake-model"
+
+
+def test_concurrent_first_uses_convert_once_and_share_the_folder(fake_package, monkeypatch):
+    """Jobs started together (benchmark runs, independent launches): one converts, the others wait and reuse its
+    folder; none deletes it while another loads from it."""
+    conversion = model_source.OFFLINE_CONVERSIONS["org/fake-model"]
+    started = threading.Event()
+
+    def slow(source: Path, destination: Path) -> None:
+        started.set()
+        time.sleep(0.3)  # long enough for every other caller to reach the conversion
+        conversion.convert(source, destination)
+
+    monkeypatch.setitem(
+        model_source.OFFLINE_CONVERSIONS,
+        "org/fake-model",
+        conversion.__class__(conversion.package, conversion.filename, conversion.install_hint, slow),
+    )
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: resolve_model_path("org/fake-model"), range(4)))
+    assert started.is_set()
+    assert len(set(paths)) == 1 and len(fake_package) == 1
+    assert (Path(paths[0]) / "config.json").is_file()
+    assert [p.name for p in Path(paths[0]).parent.iterdir() if ".tmp-" in p.name] == []
 
 
 def test_a_failed_conversion_leaves_nothing_behind(fake_package, monkeypatch):
