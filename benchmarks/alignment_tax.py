@@ -233,6 +233,13 @@ def run_one(method: str, seed: int, args, reference, sets: EvalSets, extra: list
         "nspo_leakage_heldout": max(trainer.leakage().get("heldout", {0: float("nan")}).values()),
         "final": final,
         "path": path.points,
+        # ‖gP‖/‖g‖ overall and per layer kind on every logging step (also for GRPO: the projector is built and
+        # measures how much of each group's gradient its null space would let through)
+        "grad_null_fraction": [
+            {"step": e["step"], **{k.removeprefix("nspo/"): v for k, v in e.items() if k.startswith("nspo/grad_")}}
+            for e in trainer.state.log_history
+            if "nspo/grad_null_fraction" in e
+        ],
     }
 
 
