@@ -53,12 +53,15 @@ class GuardServer:
                     server.in_flight += 1
                     server.peak_in_flight = max(server.peak_in_flight, server.in_flight)
                 try:
-                    self._answer(payload)
+                    status, body = self._answer(payload)
                 finally:
+                    # a request stops counting before its reply is written: once the client has the reply it may
+                    # send the next one, possibly before this thread would get to a decrement placed after it
                     with server._lock:
                         server.in_flight -= 1
+                self._send(status, body)
 
-            def _answer(self, payload):
+            def _answer(self, payload) -> tuple[int, dict]:
                 response = payload["messages"][-1]["content"]
                 key = response.split()[0] if response.split() else ""
                 with server._lock:
@@ -67,9 +70,9 @@ class GuardServer:
                     count = server.requests[key]
                 time.sleep(server.hold_seconds)
                 if payload.get("model") != MODEL:
-                    return self._send(404, {"error": f"model {payload.get('model')} does not exist"})
+                    return 404, {"error": f"model {payload.get('model')} does not exist"}
                 if "ERROR500" in response or ("FLAKY" in response and count == 1):
-                    return self._send(500, {"error": "internal"})
+                    return 500, {"error": "internal"}
                 if "SLOW" in response:
                     time.sleep(server.slow_seconds)
                 if "MALFORMED" in response:
@@ -78,7 +81,7 @@ class GuardServer:
                     text = "unsafe\nS1,S10"
                 else:
                     text = "safe"
-                self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+                return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
