@@ -451,6 +451,34 @@ def report(args, sets: EvalSets | None = None, reference=None) -> None:
         ]
         (args.out / "preservation_sweep.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
+    if lines := grad_null_fraction_table(main_runs):
+        (args.out / "grad_null_fraction.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+
+
+GRAD_KINDS = ("all", "mlp", "attention", "other")  # "other": a linear of neither preset, e.g. an untied lm_head
+
+
+def grad_null_fraction_table(runs: list[dict]) -> list[str]:
+    """Markdown rows of ``‖gP‖/‖g‖`` per logging step and layer kind, for the runs that logged it (else ``[]``).
+
+    ``g`` is the gradient of the constrained linears' weights just before the optimizer step, ``P`` their
+    null-space projector: the share of each group's update the null space lets through (GRPO runs too,
+    where nothing is projected and the figure only measures). A step whose completions all scored alike has
+    no gradient and no row.
+    """
+    logged = [r for r in runs if r.get("grad_null_fraction")]
+    if not logged:
+        return []
+    key = {k: "grad_null_fraction" + ("" if k == "all" else f"_{k}") for k in GRAD_KINDS}
+    kinds = [k for k in GRAD_KINDS if any(key[k] in e for r in logged for e in r["grad_null_fraction"])]
+    lines = ["| run | step | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    for run in logged:
+        for entry in run["grad_null_fraction"]:
+            values = [entry.get(key[k]) for k in kinds]
+            cells = " | ".join("–" if v is None else f"{v:.3f}" for v in values)
+            lines.append(f"| {run['name']} | {entry['step']} | {cells} |")
+    return lines
 
 
 if __name__ == "__main__":
