@@ -15,8 +15,9 @@ answers of ``--eval-tokens`` tokens:
 - drift on held-out general prompts (disjoint from the preservation data): KL(ref ‖ model) per token
   and top-1 agreement, teacher-forced on the reference's own greedy answers, and the share of
   prompts whose greedy answer is unchanged;
-- leakage per layer kind on held-out preservation examples: for every linear
-  ``‖X ΔWᵀ‖/‖X W_refᵀ‖`` (X: the reference's inputs), for the embedding ``‖ΔE[t]‖/‖E[t]‖`` over the
+- leakage per layer kind on held-out preservation examples: for every linear, the output layer
+  ``lm_head`` included (tied or not; X: the final hidden states), ``‖X ΔWᵀ‖/‖X W_refᵀ‖`` (X: the
+  reference's inputs), for the embedding ``‖ΔE[t]‖/‖E[t]‖`` over the
   held-out tokens ``t``, for norms ``‖Δγ‖/‖γ‖``; the maximum per kind;
 - wall time.
 
@@ -264,6 +265,7 @@ COLUMNS = [
     ("greedy agree", lambda r: r["final"]["greedy_agreement"]),
     ("leak mlp", lambda r: r["final"].get("leakage", {}).get("mlp")),
     ("leak attn", lambda r: r["final"].get("leakage", {}).get("attention")),
+    ("leak lm_head", lambda r: r["final"].get("leakage", {}).get("other")),  # from the twelfth session on
     ("leak emb", lambda r: r["final"].get("leakage", {}).get("embedding")),
     ("leak norm", lambda r: r["final"].get("leakage", {}).get("norm")),
     ("wall s", lambda r: r["wall_time_s"]),

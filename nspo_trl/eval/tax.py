@@ -20,7 +20,7 @@ import torch
 
 from nspo_trl.eval.drift import drift_report
 from nspo_trl.generation import generate_responses
-from nspo_trl.nullspace.targets import layer_kind
+from nspo_trl.nullspace.targets import FULL_PRESET, PRESETS, layer_kind
 from nspo_trl.rewards.refusal import DECLINE_PATTERN, REFUSAL_PATTERN, normalise
 
 
@@ -65,14 +65,17 @@ def answer_sequences(tokenizer, prompts: Sequence, answers: Sequence[str]) -> li
 def layer_kind_leakage(model, reference, sequences: list[list[int]], pad_token_id: int) -> dict[str, float]:
     """Max relative output change per layer kind on ``sequences``, ``model`` against ``reference``.
 
-    ``mlp`` / ``attention``: every linear's ``‖X ΔWᵀ‖/‖X W_refᵀ‖`` (X: the reference's inputs);
-    ``embedding``: ``‖ΔE[t]‖/‖E[t]‖`` over the tokens ``t`` that occur; ``norm``: ``‖Δγ‖/‖γ‖``.
+    ``mlp`` / ``attention`` / ``other``: every linear's ``‖X ΔWᵀ‖/‖X W_refᵀ‖`` (X: the reference's inputs;
+    ``other`` is what neither preset names, the output layer ``lm_head`` on decoder LMs, whose X are the final
+    hidden states, tied to the embeddings or not); ``embedding``: ``‖ΔE[t]‖/‖E[t]‖`` over the tokens ``t``
+    that occur; ``norm``: ``‖Δγ‖/‖γ‖``.
     """
-    report = drift_report(model, reference, sequences, pad_token_id, ["full"], progress=False)
-    kinds = {"mlp": 0.0, "attention": 0.0}
+    # every linear by regex (the `full` preset name would drop a tied lm_head, which NSPO cannot train)
+    report = drift_report(model, reference, sequences, pad_token_id, [PRESETS[FULL_PRESET]], progress=False)
+    kinds = {"mlp": 0.0, "attention": 0.0, "other": 0.0}
     for name, layer in report["layers"].items():
-        if (kind := layer_kind(name)) in kinds:
-            kinds[kind] = max(kinds[kind], layer["leakage"])
+        kind = layer_kind(name)
+        kinds[kind] = max(kinds[kind], layer["leakage"])
     tokens = torch.tensor(sorted({t for s in sequences for t in s}))
     emb, emb_ref = model.get_input_embeddings().weight, reference.get_input_embeddings().weight
     kinds["embedding"] = float((emb[tokens] - emb_ref[tokens]).norm() / emb_ref[tokens].norm())
