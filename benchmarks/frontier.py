@@ -32,14 +32,22 @@ DRIFT_SHARE = 0.1  # largest share of GRPO's drift allowed
 
 
 def load_runs(folders: list[Path]) -> tuple[dict, list[dict]]:
-    """The reference run (the first found) and every trained run of ``folders`` (preservation sweeps left out)."""
-    reference, runs = None, []
+    """The reference run (the first found) and every trained run of ``folders`` (preservation sweeps left out).
+
+    A run whose final answers repeat an earlier one's word for word is the same training repeated for a
+    measurement (GRPO re-run with a projector built only to log its gradient's null fraction) and counts once.
+    """
+    reference, runs, seen = None, [], set()
     for folder in folders:
         for path in sorted((folder / "runs").glob("*.json")):
             run = json.loads(path.read_text())
             if run["method"] == "reference":
                 reference = reference or run
             elif not run.get("name", "").startswith("sweep-"):
+                answers = json.dumps(run["final"].get("answers"), sort_keys=True)
+                if answers in seen:
+                    continue
+                seen.add(answers)
                 runs.append({**run, "folder": folder.name, "label": run_label(run)})
     if reference is None:
         raise SystemExit("no runs/reference.json in the folders given: run alignment_tax.py there first")
