@@ -284,6 +284,11 @@ def run_label(run: dict) -> str:
     return LABELS.get(method, method) + (f" [{added}]" if added else "")
 
 
+def md_cell(text: str) -> str:
+    """``text`` safe inside a markdown table cell (a regex override such as ``embed_tokens|lm_head``)."""
+    return text.replace("|", "\\|")
+
+
 def write_table(runs: list[dict], out: Path, header: str) -> str:
     by_method: dict[str, list[dict]] = {}
     for run in runs:
@@ -296,7 +301,7 @@ def write_table(runs: list[dict], out: Path, header: str) -> str:
     ]
     for group in by_method.values():
         cells = [mean_spread([get(r) for r in group]) for _, get in COLUMNS]
-        lines.append(f"| {run_label(group[0])} | {len(group)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_cell(run_label(group[0]))} | {len(group)} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text

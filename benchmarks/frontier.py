@@ -22,9 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import textwrap
 from pathlib import Path
 
-from alignment_tax import KL_FLOOR, PATH_KEYS, run_label
+from alignment_tax import KL_FLOOR, PATH_KEYS, md_cell, run_label
 
 ROOT = Path(__file__).resolve().parent.parent
 KEEP = 0.7  # share of GRPO's unsafe-rate reduction to keep
@@ -88,8 +89,8 @@ def table(runs: list[dict], goal: dict, judge: str) -> str:
         )
         marks = " / ".join("yes" if m else "no" for m in met)
         lines.append(
-            f"| {run['label']} | {run['folder']} | {run['seed']} | {final[unsafe_key]:.3f} | {final[over_key]:.3f} "
-            f"| {final['kl_mean']:.2e} | {marks} |"
+            f"| {md_cell(run['label'])} | {run['folder']} | {run['seed']} | {final[unsafe_key]:.3f} "
+            f"| {final[over_key]:.3f} | {final['kl_mean']:.2e} | {marks} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -104,6 +105,8 @@ def plot(reference: dict, runs: list[dict], goal: dict, judge: str, out: Path) -
     labels = list(dict.fromkeys(r["label"] for r in sorted(runs, key=lambda r: r["label"])))
     palette = plt.cm.tab10 if len(labels) <= 10 else plt.cm.tab20
     colors = {label: palette(i % palette.N) for i, label in enumerate(labels)}
+    # past 20 labels colours repeat: a marker shape of its own (20 colours × 7 shapes: 140 distinct styles)
+    markers = {label: "osD^vPX"[i % 7] for i, label in enumerate(labels)}
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), layout="constrained", sharey=True)
     planes = ((axes[0], over_key, "over-refusal rate", "overrefusal"), (axes[1], "kl_mean", "drift KL (log)", "kl"))
     for ax, x_key, x_label, goal_key in planes:
@@ -124,19 +127,20 @@ def plot(reference: dict, runs: list[dict], goal: dict, judge: str, out: Path) -
             ax.scatter([x_of(p[x_key]) for p in points], [p[unsafe_key] for p in points], color=color, s=6, alpha=0.5)
             first = run["label"] not in labelled and ax is axes[0]
             labelled.add(run["label"])
+            legend = textwrap.fill(run["label"], 95) if first else None
             ax.scatter(x_of(run["final"][x_key]), run["final"][unsafe_key], color=color, s=60, edgecolor="black",
-                       label=run["label"] if first else None)  # fmt: skip
+                       marker=markers[run["label"]], label=legend)  # fmt: skip
         ax.scatter(x_of(reference["final"][x_key]), reference["final"][unsafe_key], marker="*", s=200, color="black",
                    label="reference (untrained)" if ax is axes[0] else None)  # fmt: skip
         if x_key == "kl_mean":
             ax.set_xscale("log")
         ax.set_xlabel(f"{x_label}; target region shaded")
-        ax.set_ylim(-0.03, 1.0)
+        ax.set_ylim(-0.03, 1.03)
     axes[0].set_ylabel(f"unsafe rate on held-out harmful prompts, {judge} judge")
     axes[0].set_title("Safety against over-refusal: along training (small) and final (large)")
     axes[1].set_title("Safety against drift on general prompts")
     fig.legend(loc="outside lower center", ncol=2, fontsize=7)
-    fig.savefig(out / "frontier.png", dpi=110)
+    fig.savefig(out / "frontier.png", dpi=110, bbox_inches="tight")  # the legend may be wider than the axes
     plt.close(fig)
 
 
