@@ -53,6 +53,7 @@ from nspo_trl.eval.drift import drift_report
 from nspo_trl.eval.tax import answer_sequences, declined, greedy_answers, layer_kind_leakage, refused
 from nspo_trl.rewards.refusal import refusal_score
 from nspo_trl.train import build_trainer, prepare_model
+from nspo_trl.trainer import grad_null_fraction_metric
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECTOR_FIELDS = ("--nspo_", "--preservation_")  # the overrides a projector depends on, except:
@@ -477,7 +478,7 @@ def grad_null_fraction_table(runs: list[dict]) -> list[str]:
     logged = [r for r in runs if r.get("grad_null_fraction")]
     if not logged:
         return []
-    key = {k: "grad_null_fraction" + ("" if k == "all" else f"_{k}") for k in GRAD_KINDS}
+    key = {k: grad_null_fraction_metric(k).removeprefix("nspo/") for k in GRAD_KINDS}  # as run_one stores them
     kinds = [k for k in GRAD_KINDS if any(key[k] in e for r in logged for e in r["grad_null_fraction"])]
     lines = ["| run | step | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
     for run in logged:

@@ -476,7 +476,7 @@ class NSPOTrainer(GRPOTrainer):
                 metrics[f"nspo/leakage_{split}_mean"] = sum(values) / len(values)
         metrics["nspo/null_fraction"] = self.projector.summary()["null_fraction"]
         for kind, fraction in self._grad_null_fraction.items():
-            metrics["nspo/grad_null_fraction" + ("" if kind == "all" else f"_{kind}")] = fraction
+            metrics[grad_null_fraction_metric(kind)] = fraction
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -679,6 +679,11 @@ class NSPOTrainer(GRPOTrainer):
         if isinstance(checkpoint, str):
             self.load_nspo_state(checkpoint, verified=verified)
         return super().train(checkpoint, *args, **kwargs)
+
+
+def grad_null_fraction_metric(kind: str) -> str:
+    """The logged name of ``‖gP‖/‖g‖`` for a layer kind: ``nspo/grad_null_fraction[_mlp|_attention|_other]``."""
+    return "nspo/grad_null_fraction" + ("" if kind == "all" else f"_{kind}")
 
 
 def _idle_batch(pad_token_id: int) -> dict[str, torch.Tensor]:

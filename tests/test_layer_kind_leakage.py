@@ -11,8 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import capture_inputs, leakage
-from transformers import AutoModelForCausalLM
+from conftest import capture_inputs, leakage, load_reference
 
 from nspo_trl.eval.tax import layer_kind_leakage
 from nspo_trl.nullspace.targets import untie_output_embeddings
@@ -28,10 +27,6 @@ def tied_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tied") / "model", tie_word_embeddings=True)
 
 
-def load(path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def nudge(weight: torch.nn.Parameter, seed: int, scale: float = 1e-2) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -39,7 +34,7 @@ def nudge(weight: torch.nn.Parameter, seed: int, scale: float = 1e-2) -> None:
 
 
 def test_each_linear_kind_matches_an_independent_computation(tiny_model_dir):
-    reference = load(tiny_model_dir)
+    reference = load_reference(tiny_model_dir)
     model = copy.deepcopy(reference)
     nudge(model.get_submodule(MLP).weight, 0)
     nudge(model.get_submodule(ATTENTION).weight, 1)
@@ -56,7 +51,7 @@ def test_each_linear_kind_matches_an_independent_computation(tiny_model_dir):
 
 
 def test_a_tied_embedding_change_shows_on_both_of_its_uses(tied_model_dir):
-    reference = load(tied_model_dir)
+    reference = load_reference(tied_model_dir)
     model = copy.deepcopy(reference)
     assert model.lm_head.weight is model.get_input_embeddings().weight
     nudge(model.get_input_embeddings().weight, 3)
@@ -75,7 +70,7 @@ def test_a_tied_embedding_change_shows_on_both_of_its_uses(tied_model_dir):
 
 
 def test_an_untied_copy_trained_on_its_output_layer_leaves_the_embeddings(tied_model_dir):
-    reference = load(tied_model_dir)
+    reference = load_reference(tied_model_dir)
     model = copy.deepcopy(reference)
     assert untie_output_embeddings(model) > 0
     nudge(model.lm_head.weight, 4)
@@ -89,7 +84,7 @@ def test_an_untied_copy_trained_on_its_output_layer_leaves_the_embeddings(tied_m
 
 
 def test_norm_leakage_is_the_largest_relative_change(tiny_model_dir):
-    reference = load(tiny_model_dir)
+    reference = load_reference(tiny_model_dir)
     model = copy.deepcopy(reference)
     with torch.no_grad():
         model.model.layers[0].input_layernorm.weight.mul_(1.01)
