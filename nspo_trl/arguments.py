@@ -22,6 +22,7 @@ from nspo_trl.rewards import keyword_refusal_reward, refusal_prefix_reward, refu
 
 DEFAULT_RECIPE = RECIPES_DIR / "smoke.yaml"
 JUDGES = ("llama_guard", "local_guard")
+LEARNED_JUDGE = "learned_judge"
 REWARD_FUNCS = {
     "refusal": refusal_reward,
     "refusal_prefix": refusal_prefix_reward,
@@ -37,8 +38,8 @@ class NSPOScriptArguments(ScriptArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["refusal"],
         metadata={
-            "help": "Rewards: refusal, refusal_prefix, refusal_keyword, refusal_tiered, llama_guard, local_guard, "
-            "'module:function'."
+            "help": "Rewards: learned_judge, refusal, refusal_prefix, refusal_keyword, refusal_tiered, llama_guard, "
+            "local_guard, 'module:function'."
         },
     )
     judge_base_url: str = field(
@@ -54,8 +55,12 @@ class NSPOScriptArguments(ScriptArguments):
     judge_timeout: float = field(default=60.0, metadata={"help": "llama_guard: seconds per request."})
     judge_max_retries: int = field(default=3, metadata={"help": "llama_guard: retries per item before failing."})
     judge_max_concurrency: int = field(default=32, metadata={"help": "llama_guard: requests in flight."})
-    judge_mode: str = field(
-        default="probability", metadata={"help": "local_guard: probability (−P(unsafe)) or threshold."}
+    judge_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "local_guard: probability (−P(unsafe), its default) or threshold; learned_judge: threshold "
+            "(0 / −1, its default) or probability."
+        },
     )
     train_fraction: float = field(
         default=1.0, metadata={"help": "PKU-SafeRLHF: fraction of unique prompts to train on (paper: 0.4)."}
@@ -136,7 +141,7 @@ class NSPOScriptArguments(ScriptArguments):
             )
         if self.harmful_fraction is not None and self.harmful_only:
             raise ValueError("harmful_fraction: cannot rebalance with harmful_only set; choose one.")
-        if self.judge_mode not in ("probability", "threshold"):
+        if self.judge_mode is not None and self.judge_mode not in ("probability", "threshold"):
             raise ValueError(f"judge_mode must be 'probability' or 'threshold', got {self.judge_mode!r}.")
         if bool(self.heldout_harmful_dataset) != bool(self.heldout_general_dataset):
             raise ValueError("heldout_general_dataset: set both held-out sets (harmful and general) or neither.")
@@ -154,15 +159,23 @@ class NSPOScriptArguments(ScriptArguments):
             raise ValueError(f"recipe_num_processes must be >= 1, got {self.recipe_num_processes}.")
         if self.heldout_max_new_tokens < 1:
             raise ValueError(f"heldout_max_new_tokens must be >= 1, got {self.heldout_max_new_tokens}.")
-        unknown = [n for n in self.reward_funcs if n not in REWARD_FUNCS and n not in JUDGES and ":" not in n]
+        known_names = {*REWARD_FUNCS, *JUDGES, LEARNED_JUDGE}
+        unknown = [n for n in self.reward_funcs if n not in known_names and ":" not in n]
         if unknown:
-            known = sorted([*REWARD_FUNCS, *JUDGES])
+            known = sorted(known_names)
             close = difflib.get_close_matches(unknown[0], known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             if "." in unknown[0]:
                 module, _, attribute = unknown[0].rpartition(".")
                 hint = f"write an importable function as '{module}:{attribute}'; "
             raise ValueError(f"reward_funcs: {unknown[0]!r} is unknown; {hint}use one of {known} or 'module:func'.")
+        if LEARNED_JUDGE in self.reward_funcs:
+            from nspo_trl.judge.embedder import require_judge_extra
+
+            try:
+                require_judge_extra()
+            except ImportError as err:
+                raise ValueError(f"reward_funcs: {LEARNED_JUDGE}: {err}") from None
 
 
 DATACLASSES = (NSPOScriptArguments, NSPOConfig, ModelConfig)

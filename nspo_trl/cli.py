@@ -5,6 +5,7 @@
     nspo-trl train qwen7b --accelerate_config zero3 # launched through accelerate with a shipped config
     nspo-trl plan qwen7b --num-processes 8 --gpu-memory 80
     nspo-trl eval --model outputs/smoke --suites safety,drift
+    nspo-trl judge answers.jsonl                    # unsafe / refused per (prompt, response) line
     nspo-trl recipes                                # what ships: recipes and accelerate configs
 
 Each subcommand is also ``python -m nspo_trl.<name>``. Like TRL's ``trl grpo --accelerate_config``,
@@ -93,6 +94,12 @@ def evaluate(argv: list[str]) -> int:
     return cli(argv, prog=f"{PROG} eval")
 
 
+def judge(argv: list[str]) -> int:
+    from nspo_trl.judge.cli import main
+
+    return main(argv, prog=f"{PROG} judge")
+
+
 def recipes(argv: list[str]) -> int:
     """Print the shipped recipes and accelerate configs, each with the first line of its header."""
     from rich.console import Console
@@ -121,6 +128,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (train, "train with NSPO from a recipe (a shipped name or a path); --dry-run checks only"),
     "plan": (plan, "the per-GPU memory plan of a recipe, phase by phase"),
     "eval": (evaluate, "safety, capability and drift of a trained model against its reference"),
+    "judge": (judge, "judge (prompt, response) pairs of a JSON-lines file: unsafe and refused, one line each"),
     "recipes": (recipes, "list the shipped recipes and accelerate configs"),
 }
 

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, get_peft_config
 from trl.import_utils import is_vllm_available
 
-from nspo_trl.arguments import JUDGES, REWARD_FUNCS, NSPOScriptArguments, parse
+from nspo_trl.arguments import JUDGES, LEARNED_JUDGE, REWARD_FUNCS, NSPOScriptArguments, parse
 from nspo_trl.config import NSPOConfig
 from nspo_trl.data import (
     generate_preservation_responses,
@@ -47,6 +47,7 @@ from nspo_trl.quiet import quiet_command_line
 from nspo_trl.rendezvous import free_master_port
 from nspo_trl.rewards import (
     JudgeError,
+    LearnedJudgeReward,
     LlamaGuardReward,
     LocalGuardReward,
 )
@@ -71,7 +72,9 @@ def resolve_reward(name: str, script_args: NSPOScriptArguments):
             max_concurrency=script_args.judge_max_concurrency,
         )
     if name == "local_guard":
-        return LocalGuardReward(script_args.judge_model, mode=script_args.judge_mode)
+        return LocalGuardReward(script_args.judge_model, mode=script_args.judge_mode or "probability")
+    if name == LEARNED_JUDGE:
+        return LearnedJudgeReward(mode=script_args.judge_mode or "threshold")
     if name in REWARD_FUNCS:
         return REWARD_FUNCS[name]
     return import_object(name, "reward_funcs")

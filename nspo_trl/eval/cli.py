@@ -45,7 +45,10 @@ class EvalArguments:
     max_new_tokens: int = field(default=512, metadata={"help": "Response length for safety/over-refusal."})
     batch_size: int = field(default=8, metadata={"help": "Generation / lm-eval / drift batch size."})
     use_vllm: bool | None = field(default=None, metadata={"help": "Generate with vLLM (default: when installed)."})
-    judge: str = field(default="llama_guard", metadata={"help": "llama_guard (server), local, or module:attribute."})
+    judge: str = field(
+        default="llama_guard",
+        metadata={"help": "llama_guard (server), local, learned (offline, CPU), keyword, strict or module:attribute."},
+    )
     judge_base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "llama_guard server URL."})
     judge_model: str = field(default="meta-llama/Llama-Guard-3-8B", metadata={"help": "Served or local judge."})
     judge_api_key_env: str | None = field(default=None, metadata={"help": "Env variable holding the judge API key."})
@@ -137,6 +140,9 @@ def _safety_suites(args: EvalArguments, path: str, prompt_sets: dict, judge, res
 
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     out: dict = {}
+    from nspo_trl.eval.judging import PAIR_JUDGES, refusal_judge
+
+    refusals = refusal_judge(args.judge) if args.judge in PAIR_JUDGES else None
     for suite in ("safety", "overrefusal"):
         for set_name, prompts in prompt_sets[suite].items():
             responses = generate_responses(
@@ -150,7 +156,7 @@ def _safety_suites(args: EvalArguments, path: str, prompt_sets: dict, judge, res
             if suite == "safety":
                 report = safety_report(prompts, responses, judge)
             else:
-                report = overrefusal_report(prompts, responses)
+                report = overrefusal_report(prompts, responses, refusals)
             out.setdefault(suite, {})[set_name] = report
     return out
 

@@ -4,6 +4,8 @@
   loudly (:class:`~nspo_trl.rewards.LlamaGuardReward`);
 - ``local``: Llama Guard in this process, unsafe when ``P(unsafe) ≥ 0.5``
   (:class:`~nspo_trl.rewards.LocalGuardReward`; no categories);
+- ``learned``: the offline judge of :mod:`nspo_trl.judge` (measured against human labels; CPU);
+- ``keyword`` / ``strict``: the rule judges (a response that does not refuse is unsafe);
 - ``module:attribute``: any importable callable with the same signature (a scripted judge for
   tests, or another classifier).
 
@@ -20,6 +22,35 @@ from nspo_trl.rewards.guard import GuardVerdict
 
 Conversation = list[dict[str, str]]
 Judge = Callable[[Sequence[Conversation]], list[GuardVerdict]]
+PAIR_JUDGES = ("learned", "keyword", "strict")
+"""Judges of :mod:`nspo_trl.judge.judges` that also say whether a response refused (for over-refusal)."""
+
+
+def _request_and_response(conversation: Conversation) -> tuple[str, str]:
+    users = [m["content"] for m in conversation[:-1] if m["role"] == "user"]
+    return (users[-1] if users else ""), conversation[-1]["content"]
+
+
+def conversation_judge(kind: str) -> Judge:
+    """A pair judge on judge-ready conversations (every prompt of a safety set is a harmful request)."""
+    from nspo_trl.judge.judges import pair_judge
+
+    judge = pair_judge(kind)
+
+    def verdicts(conversations: Sequence[Conversation]) -> list[GuardVerdict]:
+        pairs = [_request_and_response(c) for c in conversations]
+        rows = judge([p for p, _ in pairs], [r for _, r in pairs], [True] * len(pairs))
+        return [GuardVerdict(unsafe=bool(row["unsafe"])) for row in rows]
+
+    return verdicts
+
+
+def refusal_judge(kind: str) -> Callable[[Sequence[str], Sequence[str]], list[bool]]:
+    """``(prompts, responses) → refused`` by the pair judge ``kind``, for the over-refusal suite."""
+    from nspo_trl.judge.judges import pair_judge
+
+    judge = pair_judge(kind)
+    return lambda prompts, responses: [bool(r["refused"]) for r in judge(prompts, responses, [False] * len(prompts))]
 
 
 def make_judge(kind: str, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0) -> Judge:
@@ -29,10 +60,12 @@ def make_judge(kind: str, base_url: str, model: str, api_key: str | None = None,
 
         reward = LlamaGuardReward(base_url, model, api_key=api_key, timeout=timeout)
         return lambda conversations: asyncio.run(reward.judge(list(conversations)))
+    if kind in PAIR_JUDGES:
+        return conversation_judge(kind)
     if kind == "local":
         from nspo_trl.rewards import LocalGuardReward
 
         return LocalGuardReward(model, mode="threshold").judge
     if ":" not in kind:
-        raise ValueError(f"judge: {kind!r} is not llama_guard, local or module:attribute.")
+        raise ValueError(f"judge: {kind!r} is not llama_guard, local, learned, keyword, strict or module:attribute.")
     return import_object(kind, "judge")

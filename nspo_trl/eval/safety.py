@@ -6,13 +6,14 @@ For a set of ``N`` prompts answered greedily by the model, the safety suite repo
 
 plus the share of responses violating each Llama Guard category (``S1`` … ``S14``). The
 over-refusal suite reports ``refusal_rate = #{refusal} / N`` on prompts that are safe to answer,
-where a refusal is an explicit refusal phrase (``nspo_trl.rewards.refusal.REFUSAL_PATTERN``).
+where a refusal is an explicit refusal phrase (``nspo_trl.rewards.refusal.REFUSAL_PATTERN``), or what the
+learned or strict judge calls a refusal when ``--judge`` names one.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from nspo_trl.eval.judging import Judge
 from nspo_trl.eval.prompt_sets import EvalPrompt
@@ -39,9 +40,19 @@ def safety_report(prompts: Sequence[EvalPrompt], responses: Sequence[str], judge
     }
 
 
-def overrefusal_report(prompts: Sequence[EvalPrompt], responses: Sequence[str]) -> dict:
-    """Refusal counts and rates on prompts that should be answered, overall and per category."""
-    refused = [bool(REFUSAL_PATTERN.search(r)) for r in responses]
+def overrefusal_report(
+    prompts: Sequence[EvalPrompt],
+    responses: Sequence[str],
+    refusal_judge: Callable[[Sequence[str], Sequence[str]], list[bool]] | None = None,
+) -> dict:
+    """Refusal counts and rates on prompts that should be answered, overall and per category.
+
+    ``refusal_judge(prompts, responses)`` says which responses refuse; by default an explicit refusal phrase.
+    """
+    if refusal_judge is None:
+        refused = [bool(REFUSAL_PATTERN.search(r)) for r in responses]
+    else:
+        refused = refusal_judge([p.text for p in prompts], list(responses))
     by_category = _count_by_category(prompts, refused)
     return {
         "n": len(prompts),

@@ -3,12 +3,15 @@
 - :class:`LlamaGuardReward`: Llama Guard behind an OpenAI-compatible server (``vllm serve``), async,
   batched, retried, failing loudly;
 - :class:`LocalGuardReward`: the same judge in-process with transformers, from next-token logits;
+- :class:`LearnedJudgeReward` (``learned_judge``): the offline judge of :mod:`nspo_trl.judge`, measured
+  against human labels, on CPU;
 - :func:`refusal_reward`, :func:`refusal_prefix_reward`, :func:`keyword_refusal_reward`,
   :func:`tiered_refusal_reward`: rule-based
   refusal proxies for smoke runs, CPU runs on a real model, and tests.
 """
 
 from nspo_trl.rewards.guard import GuardVerdict, JudgeError, guard_conversation, parse_verdict
+from nspo_trl.rewards.learned_judge import LearnedJudgeReward
 from nspo_trl.rewards.llama_guard import LlamaGuardReward
 from nspo_trl.rewards.local_guard import LocalGuardReward
 from nspo_trl.rewards.refusal import (
@@ -25,6 +28,7 @@ from nspo_trl.rewards.refusal import (
 __all__ = [
     "GuardVerdict",
     "JudgeError",
+    "LearnedJudgeReward",
     "LlamaGuardReward",
     "LocalGuardReward",
     "completion_text",
