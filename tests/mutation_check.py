@@ -2,6 +2,7 @@
 
     python tests/mutation_check.py            # every mutant; exit 1 if any survives
     python tests/mutation_check.py --list     # the mutants and the tests meant to kill them
+    python tests/mutation_check.py --only W_ref   # the mutants whose name contains the text
 
 Each mutant is an exact text replacement in one file of ``nspo_trl/`` (the script fails loudly if the
 text is no longer there, so a refactor cannot silently retire a mutant). The package and the tests
@@ -165,6 +166,24 @@ MUTANTS = [
         "",
         ("tests/test_safety_sets.py::test_safety_mix_trains_on_alarming_benign_prompts_and_tests_on_others",),
     ),
+    Mutant(
+        "W_ref re-taken on resume from the weights as loaded from the checkpoint",
+        "nspo_trl/trainer.py",
+        "        if args.nspo_project_every and state.global_step == 0:\n",
+        "        if state.global_step:  # resumed: anchor to the weights as loaded\n"
+        "            self.trainer.constrained_update.load_reference(\n"
+        "                {layer.name: layer.linear.weight.detach() for layer in self.trainer.protected_layers}\n"
+        "            )\n"
+        "        if args.nspo_project_every and state.global_step == 0:\n",
+        (f"{INVARIANTS}::test_resume_anchors_to_the_saved_reference_not_to_the_loaded_weights",),
+    ),
+    Mutant(
+        "held-out leakage computed on the fit examples' inputs",
+        "nspo_trl/trainer.py",
+        "self.constrained_update.leakage(self.projector.probes.get(split, {}))",
+        'self.constrained_update.leakage(self.projector.probes.get("fit", {}))',
+        (f"{INVARIANTS}::test_heldout_leakage_is_measured_on_heldout_inputs",),
+    ),
 ]
 
 
@@ -206,25 +225,29 @@ def run_mutant(mutant: Mutant, work: Path) -> tuple[bool, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+    parser.add_argument("--only", default=None, help="run the mutants whose name contains this text")
     args = parser.parse_args()
+    mutants = [m for m in MUTANTS if args.only is None or args.only.lower() in m.name.lower()]
+    if not mutants:
+        raise SystemExit(f"mutation_check: --only: no mutant's name contains {args.only!r} (see --list)")
     if args.list:
-        for mutant in MUTANTS:
+        for mutant in mutants:
             print(f"{mutant.name}  [{mutant.path}]  -> {', '.join(mutant.tests)}")
         return 0
     survivors = []
     with tempfile.TemporaryDirectory(prefix="nspo-mutants-") as tmp:
         work = Path(tmp)
         copy_tree(work)
-        guards = sorted({test for mutant in MUTANTS for test in mutant.tests})
+        guards = sorted({test for mutant in mutants for test in mutant.tests})
         if not tests_pass(guards, work):  # a test that fails anyway would "kill" every mutant
             raise SystemExit("mutation_check: the guarding tests fail on the unmutated code; fix them first")
         print(f"unmutated: {len(guards)} guarding tests pass", flush=True)
-        for mutant in MUTANTS:
+        for mutant in mutants:
             killed, seconds = run_mutant(mutant, work)
             print(f"{'KILLED  ' if killed else 'SURVIVED'} {seconds:6.1f} s  {mutant.name}", flush=True)
             if not killed:
                 survivors.append(mutant.name)
-    print(f"{len(MUTANTS) - len(survivors)} of {len(MUTANTS)} mutants killed")
+    print(f"{len(mutants) - len(survivors)} of {len(mutants)} mutants killed")
     return 1 if survivors else 0
 
 

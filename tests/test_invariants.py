@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import capture_inputs, load_reference
+from conftest import capture_inputs, leakage, load_reference
 from test_trainer import make_trainer, nspo_args
 
 from nspo_trl.eval.drift import drift_report
@@ -158,3 +158,67 @@ def test_nullspace_exports_its_public_api():
 
     for name in nullspace.__all__:
         assert getattr(nullspace, name).__module__.startswith("nspo_trl.nullspace."), name
+
+
+def test_resume_anchors_to_the_saved_reference_not_to_the_loaded_weights(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, preservation_sequences, tmp_path
+):
+    """After a resume, the first projection keeps ``W − W_ref`` in the null space with the checkpoint's ``W_ref``.
+
+    The first run trains without projecting (``nspo_project_every: 0``), so the checkpoint's weights have
+    moved off ``W_ref`` outside the null space as well; the resumed run projects. Anchored to the saved
+    ``W_ref``, the projection removes that movement (leakage at round-off); anchored to the weights as
+    loaded from the checkpoint, it would keep it.
+    """
+    from safetensors.torch import load_file
+
+    def args(**kw):
+        return nspo_args(tmp_path, save_strategy="steps", save_steps=2, **kw)
+
+    first = args(max_steps=2, nspo_project_every=0, nspo_project_gradients=False)
+    make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation_small, first).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    saved = load_file(str(checkpoint / "nspo" / "reference-rank00000-of-00001.safetensors"))
+    trained = load_file(str(checkpoint / "model.safetensors"))
+    reference = load_reference(tiny_model_dir)
+    names = [n for n in saved if f"{n}.weight" in trained]
+    x = capture_inputs(reference, preservation_sequences, names, tokenizer.pad_token_id)
+    # the weights as loaded differ from W_ref, outside the null space too
+    assert max(leakage(trained[f"{n}.weight"], saved[n], x[n]) for n in names) > 1e-3
+
+    resumed = make_trainer(tiny_model_dir, tokenizer, safety_prompts, preservation_small, args(max_steps=3))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    layers = {layer.name: layer.linear for layer in resumed.protected_layers}
+    for name in names:
+        torch.testing.assert_close(saved[name], reference.get_submodule(name).weight, rtol=0, atol=0)
+        torch.testing.assert_close(resumed.constrained_update.reference[name], saved[name], rtol=0, atol=0)
+        assert leakage(layers[name].weight, saved[name], x[name]) < 1e-5, name
+
+
+def test_heldout_leakage_is_measured_on_heldout_inputs(
+    tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
+):
+    """``nspo/leakage_heldout`` is ``‖X_h ΔWᵀ‖/‖X_h W_refᵀ‖`` with ``X_h`` the held-out examples' inputs.
+
+    The null space is exact on the fit inputs (fit leakage is round-off) and not on held-out ones, so a
+    figure computed from the fit inputs would be visibly smaller than the direct computation here.
+    """
+    trainer = make_trainer(
+        tiny_model_dir, tokenizer, safety_prompts, preservation_small,
+        nspo_args(tmp_path, max_steps=3, nspo_heldout_fraction=0.5, nspo_probe_tokens=4096),
+    )  # fmt: skip
+    trainer.train()
+    figures = trainer.leakage()
+    reference = load_reference(tiny_model_dir)
+    heldout = trainer.preservation_sequences["heldout"]
+    names = [layer.name for layer in trainer.protected_layers if not layer.is_lora]
+    x = capture_inputs(reference, heldout, names, tokenizer.pad_token_id)
+    checked = 0
+    for layer in trainer.protected_layers:
+        if layer.name not in figures["heldout"]:
+            continue
+        direct = leakage(layer.linear.weight, reference.get_submodule(layer.name).weight, x[layer.name])
+        assert figures["heldout"][layer.name] == pytest.approx(direct, rel=1e-4, abs=1e-9), layer.name
+        checked += 1
+    assert checked
+    assert max(figures["heldout"].values()) > 100 * max(figures["fit"].values())
