@@ -21,6 +21,7 @@ damage to ``_nspo_state`` between saves is caught instead of copied and re-signe
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -161,6 +162,85 @@ def newest_intact(output_dir: Path) -> Path | None:
     return None
 
 
+RULE_SETTINGS = {"alpha": "nspo_alpha", "energy": "nspo_energy", "max_null_rank": "nspo_max_null_rank"}
+"""The recipe setting behind each field of a stored null-space rule."""
+
+
+def describe_differences(stored: Mapping, wanted: Mapping) -> str:
+    """Each differing field as ``name: the checkpoint was built with X, this run asks for Y``, joined by ``; ``.
+
+    Fields of the stored rule are named by the setting that sets them (``nspo_alpha``, ...); digests
+    (long hex strings) are shortened to their first 12 characters.
+    """
+
+    def shown(value) -> str:
+        text = repr(value) if not isinstance(value, float) else f"{value:g}"
+        return text[:15] + "…'" if isinstance(value, str) and len(value) > 24 else text
+
+    parts = []
+    for key in differing_fields(stored, wanted):
+        old, new = stored.get(key), wanted[key]
+        if key == "rule" and isinstance(old, Mapping) and isinstance(new, Mapping):
+            for field in differing_fields(old, new):
+                name = RULE_SETTINGS.get(field, f"rule.{field}")
+                parts.append(f"{name}: the checkpoint was built with {shown(old.get(field))}, this run asks for "
+                             f"{shown(new[field])}")  # fmt: skip
+            continue
+        parts.append(f"{key}: the checkpoint was built with {shown(old)}, this run asks for {shown(new)}")
+    return "; ".join(parts)
+
+
 def differing_fields(stored: Mapping, wanted: Mapping) -> list[str]:
     """Keys of ``wanted`` whose value in ``stored`` differs or is missing, sorted."""
     return sorted(key for key in wanted if key not in stored or stored[key] != wanted[key])
+
+
+WRITE_FAILURE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+# torch's zip writer turns a failed write into a RuntimeError ("PytorchStreamWriter failed writing file ...")
+TORCH_WRITE_FAILURE = ("PytorchStreamWriter failed", "file write failed", "No space left on device")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full or read-only); its partial folder has been removed."""
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a full or read-only disk, as ``OSError`` or as torch's writer reports it."""
+    if isinstance(err, OSError):
+        return err.errno in WRITE_FAILURE_ERRNOS
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in TORCH_WRITE_FAILURE)
+
+
+def state_bytes(tensors) -> int:
+    """Bytes of the tensors in a (nested) state: a model's parameters, an optimizer's ``state``."""
+    import torch
+
+    if isinstance(tensors, torch.Tensor):
+        return tensors.numel() * tensors.element_size()
+    if isinstance(tensors, Mapping):
+        return sum(state_bytes(v) for v in tensors.values())
+    if isinstance(tensors, list | tuple):
+        return sum(state_bytes(v) for v in tensors)
+    return 0
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def write_failure(checkpoint: Path, err: BaseException, needed: int) -> CheckpointWriteError:
+    """Remove the partial ``checkpoint`` and return the one-line error naming it, the bytes it needs and the
+    bytes free there. Committed checkpoints are untouched."""
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    existing = checkpoint
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:120]
+    return CheckpointWriteError(
+        errno.ENOSPC,
+        f"could not write the checkpoint ({reason}); it needs about {needed / 2**30:.2f} GiB and "
+        f"{free / 2**30:.2f} GiB are free there, so free space or set save_total_limit; the partial "
+        "checkpoint was removed",
+        str(checkpoint),
+    )

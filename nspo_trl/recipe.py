@@ -80,9 +80,11 @@ def _matches(value, annotation) -> bool:
         return any(_matches(value, arm) for arm in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
-    if origin in (list, tuple):
+    if origin in (list, tuple) or annotation in (list, tuple):
         (item,) = typing.get_args(annotation)[:1] or (typing.Any,)
         return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
     if origin is typing.Literal:
         return value in typing.get_args(annotation)
     if annotation is bool:
@@ -93,7 +95,7 @@ def _matches(value, annotation) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if annotation is str:
         return isinstance(value, str)
-    return True  # dicts, enums and other rich types are checked by the dataclasses themselves
+    return True  # enums and other rich types are checked by the dataclasses themselves
 
 
 def looks_like_path(value: str) -> bool:

@@ -334,8 +334,55 @@ def heldout_summary(script_args: NSPOScriptArguments, trainer: NSPOTrainer) -> H
     )
 
 
+def preflight(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig) -> None:
+    """Every check that needs no model, made before any file or folder is written.
+
+    A setting that would fail later (at the first generation, when the projector or the checkpoint is
+    read) would otherwise leave an empty run folder behind, which shadows the next ``resume: true``.
+    """
+    from nspo_trl import checkpoint as checkpointing
+    from nspo_trl.nullspace.projector import METADATA_FILE
+
+    if not training_args.temperature > 0:
+        raise ValueError(
+            f"temperature: {training_args.temperature:g} is not > 0; GRPO samples its completions (greedy decoding "
+            "gives every completion of a prompt the same reward, hence no signal). Use e.g. 1.0."
+        )
+    if model_args.use_peft and model_args.use_dora:
+        raise ValueError("use_dora: DoRA rescales the columns of W + BA, which leaves the null space; NSPO trains "
+                         "plain LoRA (set use_dora: false).")  # fmt: skip
+    projector = Path(training_args.nspo_projector_path).expanduser() if training_args.nspo_projector_path else None
+    built = projector is not None and (projector / METADATA_FILE).is_file()
+    if built and not any(projector.glob("factors-rank*.safetensors")):
+        raise ValueError(
+            f"nspo_projector_path: {projector} holds {METADATA_FILE} but no factors-rank*.safetensors; delete the "
+            "folder to rebuild the projector there."
+        )
+    if projector is not None and not built and projector.is_dir() and any(projector.iterdir()):
+        raise ValueError(
+            f"nspo_projector_path: {projector} holds no NSPO projector ({METADATA_FILE} + factors-rank*); point it "
+            "at a projector, or at an empty or new folder to build one there."
+        )
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        steps = checkpointing.checkpoint_steps(Path(training_args.output_dir))
+        if not any(checkpointing.read_commit(path) is not None for _, path in steps):
+            raise ValueError(
+                f"resume_from_checkpoint: {training_args.output_dir} holds no committed checkpoint yet; start "
+                "without resume_from_checkpoint (or point output_dir at the run to resume)."
+            )
+    elif isinstance(resume, str) and resume:
+        state = Path(resume).expanduser() / checkpointing.NSPO_STATE_DIR
+        if not state.is_dir():
+            raise ValueError(
+                f"resume_from_checkpoint: {resume} is not an NSPO checkpoint (no {checkpointing.NSPO_STATE_DIR}/ "
+                "folder); pass a checkpoint-N folder of an NSPO run, or true for the newest one in output_dir."
+            )
+
+
 def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig) -> dict:
     start = time.time()
+    preflight(script_args, training_args, model_args)
     if script_args.heldout_harmful_dataset and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("heldout_harmful_dataset: the summary evaluation runs in one process; use nspo_trl.eval.")
     if script_args.gpu_memory_gb is not None:  # before anything is loaded; every rank decides alike
@@ -420,6 +467,7 @@ def dry_run(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_a
     from their defaults, the effective batch and the memory plan; load nothing, write nothing."""
     import yaml
 
+    preflight(script_args, training_args, model_args)
     world, backend = launch_shape()
     if int(os.environ.get("RANK", "0")) != 0:  # every rank checks; one prints
         fits = plan_report(script_args, training_args, model_args, world, backend, script_args.gpu_memory_gb)[1]

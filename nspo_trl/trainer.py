@@ -606,11 +606,21 @@ class NSPOTrainer(GRPOTrainer):
         self.leakage()  # collective: refresh the figures the model card reports
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
+        checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
+            self.save_nspo_state(checkpoint)
+        except (OSError, RuntimeError) as err:  # a full or read-only disk: one line, no partial checkpoint
+            if not checkpointing.is_write_failure(err):
+                raise
+            needed = checkpointing.state_bytes(dict(self.model.state_dict())) + checkpointing.folder_bytes(
+                Path(self.args.output_dir) / checkpointing.STATE_SOURCE_DIR
+            )
+            if self.optimizer is not None:
+                needed += checkpointing.state_bytes(self.optimizer.state_dict()["state"])
+            raise checkpointing.write_failure(checkpoint, err, needed) from None
         finally:
             self.args.save_total_limit = limit
-        self.save_nspo_state(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
             rotate_checkpoints(
                 output_dir=self.args.output_dir,
@@ -640,12 +650,11 @@ class NSPOTrainer(GRPOTrainer):
             if problem[0] is not None:
                 raise checkpointing.CheckpointError(checkpointing.resume_refusal(problem[0]))
         saved_identity = checkpointing.read_commit(checkpoint)["projector_metadata"]
-        differing = checkpointing.differing_fields(saved_identity, self.projector_identity())
-        if differing:
+        if checkpointing.differing_fields(saved_identity, self.projector_identity()):
             raise checkpointing.CheckpointError(
-                f"resume_from_checkpoint: {checkpoint} was trained with another projector "
-                f"({', '.join(differing)} differ from this run's settings); resume with the settings it was "
-                "trained with, or start a new run in another output_dir."
+                f"resume_from_checkpoint: {checkpoint} was trained with another projector: "
+                f"{checkpointing.describe_differences(saved_identity, self.projector_identity())}. Resume with the "
+                "settings it was trained with, or start a new run in another output_dir."
             )
         self.projector = self.constrained_update.projector = self._load_projector(state / "projector")
         wanted = set(self.constrained_update.reference)

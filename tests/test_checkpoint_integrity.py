@@ -159,8 +159,8 @@ def test_damage_to_the_state_source_is_not_copied_into_new_checkpoints(
 @pytest.mark.parametrize(
     ("override", "field"),
     [
-        ({"nspo_alpha": 1e-3}, "rule"),
-        ({"nspo_max_null_rank": 3}, "rule"),
+        ({"nspo_alpha": 1e-3}, "nspo_alpha: the checkpoint was built with 1e-10, this run asks for 0.001"),
+        ({"nspo_max_null_rank": 3}, "nspo_max_null_rank: the checkpoint was built with None, this run asks for 3"),
         ({"nspo_preservation_max_length": 10}, "data_digest"),
         ({"nspo_covariance_dtype": "float32"}, "covariance_dtype"),
         ({"nspo_target_modules": ["attention"]}, "target_modules"),

@@ -48,13 +48,42 @@ def test_disk_full_during_a_save_keeps_the_committed_checkpoint(tmp_path, monkey
     monkeypatch.setattr(checkpointing, "copy_verified", fill_disk_on_second_save)
     assert cli(smoke_args(tmp_path)) == 1
     line = last_line(capsys)
-    assert line.startswith("nspo_trl.train: error:") and "No space left on device" in line and str(calls[1]) in line
     out = tmp_path / "out"
+    assert line.startswith(f"nspo_trl.train: error: {out / 'checkpoint-6'}: could not write the checkpoint (No space")
+    assert "it needs about" in line and "GiB are free there" in line
     assert damage(out / "checkpoint-3") is None  # the first checkpoint is intact and committed
-    assert damage(out / "checkpoint-6") is not None  # the failed one never counts
+    assert not (out / "checkpoint-6").exists()  # the partial one is removed
     monkeypatch.setattr(checkpointing, "copy_verified", real)
     assert cli([*smoke_args(tmp_path), "--resume_from_checkpoint", "true"]) == 0
-    assert (out / "incomplete-checkpoint-6").is_dir() and damage(out / "checkpoint-6") is None
+    assert damage(out / "checkpoint-6") is None
+
+
+def test_torch_writer_failure_on_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    """torch's zip writer reports a full disk as a RuntimeError; it ends the same way as an OSError."""
+    import torch
+
+    monkeypatch.chdir(REPO)
+    real, saves = torch.save, []
+
+    def full_disk_at_the_second_checkpoint(obj, f, *args, **kwargs):
+        saves.append(str(f))
+        if "checkpoint-6" in str(f):
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: "
+                "file write failed"
+            )
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_at_the_second_checkpoint)
+    assert cli(smoke_args(tmp_path)) == 1
+    line = last_line(capsys)
+    out = tmp_path / "out"
+    assert any("checkpoint-6" in s for s in saves)
+    assert line.startswith(f"nspo_trl.train: error: {out / 'checkpoint-6'}: could not write the checkpoint"), line
+    assert "PytorchStreamWriter failed" in line and "it needs about" in line
+    assert damage(out / "checkpoint-3") is None and not (out / "checkpoint-6").exists()
 
 
 def test_interrupt_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
@@ -138,6 +167,17 @@ BAD_INPUT = {
     "zero judge timeout": (lambda t: ["--reward_funcs", "llama_guard", "--judge_timeout", "0"], "judge_timeout"),
     "negative judge retries": (lambda t: ["--judge_max_retries", "-1"], "judge_max_retries"),
     "zero judge concurrency": (lambda t: ["--judge_max_concurrency", "0"], "judge_max_concurrency"),
+    "temperature zero": (lambda t: ["--temperature", "0"], "temperature"),
+    "LoRA with DoRA": (lambda t: ["--use_peft", "true", "--use_dora", "true"], "use_dora"),
+    "projector path without a projector": (lambda t: ["--nspo_projector_path", empty_dir(t)], "nspo_projector_path"),
+    "resume from a folder that is no checkpoint": (
+        lambda t: ["--resume_from_checkpoint", empty_dir(t)],
+        "resume_from_checkpoint",
+    ),
+    "resume true before anything was saved": (
+        lambda t: ["--resume_from_checkpoint", "true"],
+        "resume_from_checkpoint",
+    ),
 }
 
 
@@ -151,3 +191,24 @@ def test_bad_input_is_one_line_naming_the_field_and_nothing_is_written(case, tmp
     line = last_line(capsys)
     assert line.startswith("nspo_trl.train: error:") and field in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("model_init_kwargs: [1, 2]", "model_init_kwargs: [1, 2] is not a valid dict[str, Any] | str | None."),
+        ("reward_weights: {refusal: 1.0}", "reward_weights: {'refusal': 1.0} is not a valid list[float] | None."),
+        ("nspo_energy: [0.5]", "nspo_energy: [0.5] is not a valid float | None."),
+    ],
+)
+def test_a_mapping_or_list_of_the_wrong_kind_is_refused_before_anything_is_written(
+    line, message, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(REPO)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((REPO / "recipes" / "smoke.yaml").read_text() + line + "\n")
+    args = smoke_args(tmp_path)
+    args[0] = str(recipe)
+    assert cli(args) == 2
+    assert last_line(capsys) == f"nspo_trl.train: error: {message}"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "tiny").exists()
