@@ -285,7 +285,7 @@ def build_trainer(
         peft_config=get_peft_config(model_args),
         callbacks=callbacks,
     )
-    trainer.card_details = card_details(script_args, model_args, len(train_dataset), len(preservation))
+    trainer.card_details.update(card_details(script_args, model_args, len(train_dataset), len(preservation)))
     return trainer
 
 

@@ -192,3 +192,21 @@ def test_heldout_summary_reports_refusal_and_drift(tmp_path, monkeypatch, capsys
     assert held["general_kl_mean"] > 1e-6  # 6 steps at lr 1e-2 move a tiny model's attention freely
     assert 0.0 <= held["general_top1_agreement"] <= 1.0
     assert "held-out harmful refused 0.00 ->" in capsys.readouterr().out
+
+
+def test_the_model_card_keeps_every_row_the_trainer_and_the_command_set(tmp_path, monkeypatch):
+    """The command adds its rows (data, reward, preservation) to the trainer's own (an untied output layer)."""
+    from nspo_trl.arguments import parse
+    from nspo_trl.tiny_model import build_tiny_model
+    from nspo_trl.train import build_trainer
+
+    monkeypatch.chdir(REPO)
+    build_tiny_model(tmp_path / "tied", tie_word_embeddings=True, hidden_size=64, intermediate_size=128)
+    args = smoke_args(tmp_path, "--nspo_untie_word_embeddings", "true", "--nspo_target_modules", "full")
+    args[args.index("--model_name_or_path") + 1] = str(tmp_path / "tied")
+    trainer = build_trainer(*parse([*args, "--build_tiny_model", "false"]))
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    for row in ("output layer", "safety training data", "reward", "preservation data"):
+        assert f"| {row} |" in card, row
+    assert "untied from the input embeddings" in card
