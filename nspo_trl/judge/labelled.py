@@ -28,7 +28,7 @@ import csv
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nspo_trl.safety_sets import split_of
@@ -236,6 +236,32 @@ def failure_mode_examples(pyrit: list[Example], harmful_prompts: list[str], seed
             split, text = rng.choice(families(REPEATED_APOLOGY))
             add(prompt, text, "repeated_apology", split, refused=True, fulfilled=False, harmful=True)
     return rows
+
+
+TRUNCATED_WORDS = (8, 40)
+"""Word counts a truncated copy is cut to: 8-40 words is about 12-64 tokens, the completion lengths of
+CPU training runs and their quick evaluations."""
+
+
+def truncated_copies(examples: list[Example], seed: int = 0) -> list[Example]:
+    """For each example longer than the longest cut, one copy cut after a random 8-40 words, same labels.
+
+    Generation is cut at ``max_completion_length``: a judge trained on whole answers took a cut-off
+    opening sentence with nothing after it for a refusal that stops (measured on SmolLM2's 24-token
+    answers: 0.81 of alarming-but-benign prompts "refused", none by any rule). The start of compliance
+    still complies, the start of a refusal still refuses and an off-topic start stays off topic, so the
+    labels carry over. Sources become ``truncated/<source>``; the split stays the prompt's.
+    """
+    rng = random.Random(seed)
+    copies = []
+    for example in examples:
+        words = example.response.split(" ")
+        if len(words) <= TRUNCATED_WORDS[1]:
+            continue
+        cut = " ".join(words[: rng.randint(*TRUNCATED_WORDS)])
+        source = f"truncated/{example.source.split('/')[0]}"
+        copies.append(replace(example, response=cut, source=source))
+    return copies
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from nspo_trl.judge.labelled import (
     failure_mode_examples,
     prompt_examples,
     pyrit_examples,
+    truncated_copies,
 )
 from nspo_trl.judge.model import THRESHOLD, WEIGHTS_PATH, LearnedJudge, LinearHead, TreeEnsembleHead
 
@@ -129,6 +130,11 @@ def predict(judge: LearnedJudge, pairs: list[Example], prompts: list[PromptExamp
     return out
 
 
+def source_group(source: str) -> str:
+    """A row's line in the report: ``failure_modes/x`` → ``failure_modes``; truncated copies keep their source."""
+    return source if source.startswith("truncated/") else source.split("/")[0]
+
+
 def table(pairs: list[Example], prompts: list[PromptExample], predicted: dict[str, np.ndarray]) -> list[dict]:
     """Per source and label: rows, positives, prompts, and each judge's balanced accuracy and F1.
 
@@ -140,8 +146,8 @@ def table(pairs: list[Example], prompts: list[PromptExample], predicted: dict[st
     """
     rules = rule_judges()
     rows = []
-    for source in sorted({e.source.split("/")[0] for e in pairs}):
-        index = [i for i, e in enumerate(pairs) if e.source.split("/")[0] == source]
+    for source in sorted({source_group(e.source) for e in pairs}):
+        index = [i for i, e in enumerate(pairs) if source_group(e.source) == source]
         for label in PAIR_LABELS:
             keep = [i for i in index if _truth(pairs[i], label) is not None]
             truth = [_truth(pairs[i], label) for i in keep]
@@ -292,11 +298,11 @@ def cross_validate(pairs: list[Example], prompts: list[PromptExample], embedder)
 # a failure-mode row exists only where its prompt's split and its template family's split agree, so its
 # split is its family's
 def _trainable_in_cv(example: Example) -> bool:
-    return not example.source.startswith("failure_modes/") or example.split == "train"
+    return "failure_modes" not in example.source or example.split == "train"
 
 
 def _scored_in_cv(example: Example) -> bool:
-    return not example.source.startswith("failure_modes/") or example.split == "test"
+    return "failure_modes" not in example.source or example.split == "test"
 
 
 def train(output: Path, embedder=None) -> dict:
@@ -316,7 +322,8 @@ def train(output: Path, embedder=None) -> dict:
     pyrit = pyrit_examples()
     prompts = prompt_examples(pyrit)
     harmful_texts = [e.prompt for e in prompts if e.harmful and e.source in ("advbench", "harmbench")]
-    pairs = pyrit + failure_mode_examples(pyrit, harmful_texts, seed=SEED)
+    whole = pyrit + failure_mode_examples(pyrit, harmful_texts, seed=SEED)
+    pairs = whole + truncated_copies(whole, seed=SEED)
     # embed every text once, with a progress bar (every fit and the report reuse the cache)
     unfitted = LearnedJudge({"refused": None, "fulfils": None, "harmful": None}, embedder)  # type: ignore[arg-type]
     for start in tqdm(range(0, len(pairs), 64), desc="embedding pairs", unit="batch"):
