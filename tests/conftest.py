@@ -13,17 +13,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from testing_utils import PRESERVATION_MAX_LENGTH
+from transformers import AutoTokenizer
 
 from nspo_trl.data import load_named_dataset
-from nspo_trl.preservation import iter_batches, tokenize_preservation
+from nspo_trl.preservation import tokenize_preservation
 from nspo_trl.tiny_model import build_tiny_model
-
-# trainer tests run on the GPU where there is one (CI: CPU)
-USE_CPU = not torch.cuda.is_available()
-# torch.distributed's rendezvous variables, which launchers (and TRL's colocated vLLM start-up) put in os.environ
-RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="session")
@@ -48,47 +43,6 @@ def preservation_small():
     return load_named_dataset("nspo_trl:preservation").select(range(4))
 
 
-PRESERVATION_MAX_LENGTH = 14
-
-
-def capture_inputs(model, sequences, layer_names, pad_token_id) -> dict[str, torch.Tensor]:
-    """Independent of the library's collector: plain forward hooks → {layer: (tokens, n) float64} at real tokens."""
-    modules = dict(model.named_modules())
-    rows: dict[str, list[torch.Tensor]] = {name: [] for name in layer_names}
-    mask_holder = {}
-
-    device = next(model.parameters()).device
-
-    def make_hook(name):
-        def hook(module, args, output):
-            rows[name].append(args[0].detach()[mask_holder["mask"]].double().cpu())
-
-        return hook
-
-    handles = [modules[name].register_forward_hook(make_hook(name)) for name in layer_names]
-    try:
-        with torch.no_grad():
-            for batch in iter_batches(sequences, 8, pad_token_id):
-                batch = {key: value.to(device) for key, value in batch.items()}
-                mask_holder["mask"] = batch["attention_mask"].bool()
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: torch.cat(chunks) for name, chunks in rows.items()}
-
-
-def leakage(weight_now: torch.Tensor, weight_ref: torch.Tensor, x: torch.Tensor) -> float:
-    """‖(W − W_ref) Xᵀ‖ / ‖W_ref Xᵀ‖ in float64."""
-    weight_now, weight_ref = weight_now.detach().cpu().double(), weight_ref.detach().cpu().double()
-    delta = weight_now - weight_ref
-    return float((x @ delta.T).norm() / (x @ weight_ref.T).norm())
-
-
 @pytest.fixture(scope="session")
 def preservation_sequences(preservation_small, tokenizer):
     return tokenize_preservation(preservation_small, tokenizer, PRESERVATION_MAX_LENGTH)
-
-
-def load_reference(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

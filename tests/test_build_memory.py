@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from test_trainer import make_trainer, nspo_args
+from testing_utils import make_trainer, nspo_args
 
 from nspo_trl.nullspace import collect
 from nspo_trl.plan import memory_plan, model_config

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_trainer import COMMON, NSPO_COMMON, make_trainer
+from testing_utils import COMMON, NSPO_COMMON, make_trainer
 
 from nspo_trl import NSPOConfig
 from nspo_trl.checkpoint import CheckpointError, damage, newest_intact

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 import pytest
-from test_train_cli import REPO, smoke_args
+from testing_utils import REPO, smoke_args
 from tqdm import tqdm
 from trl.import_utils import is_vllm_available
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import capture_inputs, leakage, load_reference
 from safetensors.torch import load_file
+from testing_utils import capture_inputs, leakage, load_reference
 
 from nspo_trl.data import load_named_dataset
 from nspo_trl.nullspace.projector import NullSpaceProjector

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import USE_CPU, load_reference
 from eval_judge import scripted_verdict
+from testing_utils import USE_CPU, load_reference
 from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 

@@ -26,7 +26,7 @@ class FakeHub:
 
 
 def pushed(tmp_path, monkeypatch, trainer_inputs, **settings) -> tuple[FakeHub, str]:
-    from test_trainer import make_trainer, nspo_args
+    from testing_utils import make_trainer, nspo_args
 
     hub = FakeHub()
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
@@ -83,7 +83,7 @@ def test_push_to_hub_sends_the_projector_when_asked(tiny_model_dir, tokenizer, s
 
 
 def test_a_local_base_model_is_named_not_none(tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path):
-    from test_trainer import make_trainer, nspo_args
+    from testing_utils import make_trainer, nspo_args
 
     trainer = make_trainer(
         tiny_model_dir, tokenizer, safety_prompts, preservation_small, nspo_args(tmp_path, max_steps=1)

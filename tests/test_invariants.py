@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import capture_inputs, leakage, load_reference
-from test_trainer import make_trainer, nspo_args
+from testing_utils import capture_inputs, leakage, load_reference, make_trainer, nspo_args
 
 from nspo_trl.eval.drift import drift_report
 from nspo_trl.nullspace import collect

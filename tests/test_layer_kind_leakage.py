@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import capture_inputs, leakage, load_reference
+from testing_utils import capture_inputs, leakage, load_reference
 
 from nspo_trl.eval.tax import layer_kind_leakage
 from nspo_trl.nullspace.targets import untie_output_embeddings

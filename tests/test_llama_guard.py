@@ -112,7 +112,7 @@ def test_trainer_awaits_the_judge_and_logs_its_metrics(
     tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path
 ):
     """Through TRL's async reward path: the tiny model's completions contain no keyword, so all are 'safe'."""
-    from test_trainer import make_trainer, nspo_args
+    from testing_utils import make_trainer, nspo_args
 
     with GuardServer() as server:
         reward = judge(server)

@@ -1,4 +1,4 @@
-"""Every code block of the README is run, so the README cannot drift from the code.
+"""Every code block of the README and of the pages under docs/ is run, so the docs cannot drift from the code.
 
 - Python blocks run as written, at tiny scale: ``NSPOConfig`` gets CPU/one-step overrides, the Hub
   model id maps to the tiny local model, the two Hub data sets to small stand-ins in their schemas,
@@ -27,7 +27,11 @@ from nspo_trl.model_card import NSPO_CITATION
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
-BLOCKS = re.findall(r"^```(\w*)\n(.*?)^```$", README, flags=re.S | re.M)
+PAGES = {
+    path.relative_to(REPO).as_posix(): path.read_text()
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+}
+BLOCKS = [block for text in PAGES.values() for block in re.findall(r"^```(\w*)\n(.*?)^```$", text, flags=re.S | re.M)]
 
 
 def blocks(language: str, containing: str) -> list[str]:
@@ -47,6 +51,7 @@ HANDLED = {
     ("python", "class MyTrainer"), ("bash", "nspo-trl recipes"), ("bash", "nspo-trl train smollm2_cpu"),
     ("", "plan for Qwen/Qwen2.5-7B-Instruct"), ("bash", "vllm serve"), ("python", "reward = LlamaGuardReward("),
     ("bash", "nspo-trl eval"), ("", "mutants killed"), ("bibtex", "@inproceedings"), ("bash", ".venv-vllm"),
+    ("bash", "accelerate launch --config_file"), ("bash", "smollm2_cpu --dry-run"), ("bash", "nspo_trl[judge]"),
 }  # fmt: skip
 
 
@@ -188,7 +193,8 @@ def test_eval_command_parses():
 
 def test_plan_output_is_what_plan_prints(capsys):
     (printed,) = blocks("", "plan for Qwen/Qwen2.5-7B-Instruct")
-    command = re.search(r"`(nspo-trl plan [^`]+)`", README).group(1)
+    (page,) = [text for text in PAGES.values() if printed in text]
+    command = re.search(r"`(nspo-trl plan [^`]+)`", page).group(1)
     assert cli.main(shlex.split(command)[1:]) == 0
     assert capsys.readouterr().out.strip() == printed.strip()
 
@@ -221,3 +227,49 @@ def test_recipe_table_lists_every_shipped_recipe():
 
     assert all(f"| `{name}` |" in README for name in shipped_recipes())
     assert yaml.safe_load("a: 1") == {"a": 1}
+
+
+def test_the_papers_launch_is_the_shipped_config_and_recipe(monkeypatch, capsys):
+    """``accelerate launch --config_file … -m nspo_trl.train RECIPE``: both files ship, and the recipe checks."""
+    (body,) = blocks("bash", "accelerate launch --config_file")
+    (argv,) = commands(body)
+    assert argv[:3] == ["accelerate", "launch", "--config_file"] and argv[4:6] == ["-m", "nspo_trl.train"]
+    assert (REPO / argv[3]).is_file() and (REPO / argv[6]).is_file()
+    monkeypatch.chdir(REPO)
+    from nspo_trl.train import cli as train_cli
+
+    assert train_cli([argv[6], "--dry-run"]) == 0
+    assert "Qwen/Qwen2.5-7B-Instruct" in capsys.readouterr().out
+
+
+def test_judge_page_commands(tmp_path, capsys):
+    """The judge page's install names a real extra, and its command judges a file of the documented form."""
+    import json
+
+    (body,) = blocks("bash", "nspo_trl[judge]")
+    install, judge = commands(body)
+    assert install[:2] == ["pip", "install"] and "\njudge =" in (REPO / "setup.cfg").read_text()
+    pytest.importorskip("sentence_transformers")
+    answers = tmp_path / judge[2]
+    answers.write_text(
+        json.dumps({"prompt": "Write a haiku about rain.", "response": "Soft rain on the roof."}) + "\n"
+    )
+    assert cli.main([*judge[1:2], str(answers)]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["unsafe"] is False and isinstance(row["refused"], bool)
+
+
+def test_every_nspo_setting_is_in_the_settings_table():
+    import dataclasses
+    import typing
+
+    from nspo_trl.config import NSPOConfig
+
+    table = PAGES["docs/recipes.md"].split("<!-- settings -->", 1)[1].split("<!-- /settings -->", 1)[0]
+    hints = typing.get_type_hints(NSPOConfig)
+    for field in dataclasses.fields(NSPOConfig):
+        if field.name.startswith("nspo_"):
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            kind = str(hints[field.name]).replace("<class '", "").replace("'>", "").replace("typing.", "")
+            kind = kind.replace(" | ", " \\| ")  # escaped inside a Markdown cell
+            assert f"| `{field.name}` | `{kind}` | `{default!r}` |" in table, field.name

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import capture_inputs, leakage, load_reference
+from testing_utils import capture_inputs, leakage, load_reference
 from transformers import AutoTokenizer
 
 from nspo_trl import NSPOConfig, NSPOTrainer

@@ -5,27 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from testing_utils import REPO, smoke_args
 
 from nspo_trl.arguments import DEFAULT_RECIPE
 from nspo_trl.packaged import RECIPES_DIR
 from nspo_trl.train import cli
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def smoke_args(tmp_path, *extra):
-    return [
-        "recipes/smoke.yaml",
-        "--model_name_or_path", str(tmp_path / "tiny"),
-        "--output_dir", str(tmp_path / "out"),
-        "--max_steps", "6",
-        "--save_steps", "3",
-        "--logging_steps", "2",
-        *extra,
-    ]  # fmt: skip
 
 
 def test_smoke_recipe_writes_model_projector_checkpoints_and_summary(tmp_path, monkeypatch):
@@ -183,6 +169,7 @@ def test_heldout_summary_reports_refusal_and_drift(tmp_path, monkeypatch, capsys
     code = cli(smoke_args(
         tmp_path, "--heldout_harmful_dataset", "nspo_trl:safety_prompts", "--heldout_harmful_split", "train",
         "--heldout_general_dataset", "nspo_trl:general_prompts", "--heldout_max_new_tokens", "6",
+        "--heldout_overrefusal_dataset", "nspo_trl:overrefusal_prompts", "--heldout_capability", "true",
     ))  # fmt: skip
     assert code == 0
     held = json.loads((tmp_path / "out" / "nspo_summary.json").read_text())["heldout"]
@@ -191,7 +178,15 @@ def test_heldout_summary_reports_refusal_and_drift(tmp_path, monkeypatch, capsys
     assert held["heldout_declined_before"] == 0.0 and 0.0 <= held["heldout_declined_after"] <= 1.0
     assert held["general_kl_mean"] > 1e-6  # 6 steps at lr 1e-2 move a tiny model's attention freely
     assert 0.0 <= held["general_top1_agreement"] <= 1.0
-    assert "held-out harmful refused 0.00 ->" in capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "held-out harmful refused 0.00 ->" in printed
+    # a random tiny model answers no arithmetic or fact exactly, before or after
+    assert held["capability_before"] == 0.0 and held["capability_after"] == 0.0
+    assert "| capability (exact match) 0.00 -> 0.00" in printed
+    pytest.importorskip("sentence_transformers")
+    for key in ("learned_unsafe", "learned_overrefusal"):
+        assert 0.0 <= held[f"{key}_before"] <= 1.0 and 0.0 <= held[f"{key}_after"] <= 1.0
+    assert "| unsafe (learned judge)" in printed and "| over-refusal (learned judge)" in printed
 
 
 def test_the_model_card_keeps_every_row_the_trainer_and_the_command_set(tmp_path, monkeypatch):

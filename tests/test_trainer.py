@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import PRESERVATION_MAX_LENGTH, USE_CPU, capture_inputs, leakage, load_reference
+from testing_utils import COMMON, NSPO_COMMON, capture_inputs, leakage, load_reference, make_trainer, nspo_args
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -14,39 +14,6 @@ from nspo_trl import NSPOConfig, NSPOTrainer
 from nspo_trl.nullspace import NullSpaceAdamW
 from nspo_trl.rewards import refusal_reward
 from nspo_trl.tiny_model import build_tiny_model
-
-COMMON = dict(
-    per_device_train_batch_size=4,
-    num_generations=4,
-    max_completion_length=10,
-    learning_rate=3e-2,
-    logging_steps=5,
-    report_to="none",
-    save_strategy="no",
-    use_cpu=USE_CPU,
-    bf16=False,
-    seed=0,
-    beta=0.0,
-)
-# 56 preservation tokens < every input width (64, 128): C is rank-deficient, and with a tiny α the
-# null space is the exact one, so leakage is fp32 round-off. The paper's α = 5e-5 is tested for its bound.
-NSPO_COMMON = dict(nspo_preservation_max_length=PRESERVATION_MAX_LENGTH, nspo_heldout_fraction=0.0, nspo_alpha=1e-10)
-
-
-def nspo_args(tmp_path, **overrides) -> NSPOConfig:
-    return NSPOConfig(output_dir=str(tmp_path / "out"), **{**COMMON, **NSPO_COMMON, **overrides})
-
-
-def make_trainer(model_dir, tokenizer, prompts, preservation, args, reward_funcs=refusal_reward, **kwargs):
-    return NSPOTrainer(
-        model=model_dir,
-        reward_funcs=reward_funcs,
-        args=args,
-        train_dataset=prompts,
-        processing_class=tokenizer,
-        preservation_dataset=preservation,
-        **kwargs,
-    )
 
 
 class LeakageSpy(TrainerCallback):

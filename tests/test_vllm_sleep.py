@@ -16,8 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import trl.generation.vllm_generation as vllm_generation
-from conftest import RENDEZVOUS_VARIABLES, capture_inputs, leakage, load_reference
-from test_trainer import make_trainer, nspo_args
+from testing_utils import RENDEZVOUS_VARIABLES, capture_inputs, leakage, load_reference, make_trainer, nspo_args
 from transformers import TrainerCallback
 
 import nspo_trl.trainer as nspo_trainer

@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import RENDEZVOUS_VARIABLES
+from testing_utils import RENDEZVOUS_VARIABLES
 
 from nspo_trl.packaged import shipped_accelerate_configs, shipped_recipes
 
