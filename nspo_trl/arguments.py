@@ -101,6 +101,13 @@ class NSPOScriptArguments(ScriptArguments):
         metadata={"help": "Summary: drift KL on these general prompts (e.g. nspo_trl:general_prompts)."},
     )
     heldout_max_new_tokens: int = field(default=16, metadata={"help": "Summary: tokens per greedy answer."})
+    heldout_overrefusal_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Summary: the learned judge's over-refusal on these benign prompts."},
+    )
+    heldout_capability: bool = field(
+        default=False, metadata={"help": "Summary: the exact-match capability score (280 tasks) before and after."}
+    )
     build_tiny_model: bool = field(
         default=False,
         metadata={"help": "Build a tiny random Qwen2 model + tokenizer at model_name_or_path if none is there."},

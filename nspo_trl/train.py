@@ -186,26 +186,41 @@ def summarize(trainer: NSPOTrainer, wall_time: float) -> dict:
     }
 
 
-def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+SUMMARY_WIDTH = 80
+HELDOUT_EXTRA_LABELS = {
+    "learned_unsafe": "unsafe (learned judge)",
+    "learned_overrefusal": "over-refusal (learned judge)",
+    "capability": "capability (exact match)",
+}
+LEAKAGE_MEANING = {
+    "fit": "on the examples the projector was built from",
+    "heldout": "on preservation examples it never saw",
+}
 
-    table = Table(title="NSPO projector (per input group)")
-    table.add_column("group", overflow="fold")
-    for column in ("in", "null dim", "stored", "null λ/λmax", "modules"):
-        table.add_column(column)
+
+def short_group(name: str, width: int) -> str:
+    """``model.layers.0.mlp.down_proj`` as ``layers.0.mlp.down_proj``, cut from the left to ``width``."""
+    name = name.removeprefix("model.")
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The end-of-run summary as plain lines of at most 80 columns (a terminal or a log file alike).
+
+    The status keeps one form (``steps … | reward … | max leakage …: fit …, heldout …``, over two lines);
+    the lines after it say in words what the leakage figures measure and what range to expect.
+    """
+    columns = ("in", "null", "stored", "null λ/λmax", "modules")
+    widths = (6, 6, 10, 11, 7)
+    name_width = SUMMARY_WIDTH - sum(widths) - len(widths)
+    lines = ["NSPO projector, per input group (null: the dimensions the update may use)"]
+    lines.append(f"{'group':<{name_width}}" + "".join(f" {c:>{w}}" for c, w in zip(columns, widths, strict=True)))
     for group, stats in summary["projector_layers"].items():
         rel = stats["null_lambda_rel"]
-        table.add_row(
-            group,
-            str(stats["in_features"]),
-            str(stats["null_dim"]),
-            f"{stats['stored']}:{stats['stored_dim']}",
-            "-" if rel is None else f"{rel:.1e}",
-            str(len(stats["modules"])),
-        )
-    console = Console()
-    console.print(table)
+        cells = (stats["in_features"], stats["null_dim"], f"{stats['stored']}:{stats['stored_dim']}",
+                 "-" if rel is None else f"{rel:.1e}", len(stats["modules"]))  # fmt: skip
+        row = f"{short_group(group, name_width):<{name_width}}"
+        lines.append(row + "".join(f" {c!s:>{w}}" for c, w in zip(cells, widths, strict=True)))
     leak = ", ".join(f"{split} {value:.2e}" for split, value in summary["leakage"].items())
     line = (
         f"steps {summary['steps']} in {summary['wall_time_s']} s | reward {summary['reward_first']:.3f} -> "
@@ -217,7 +232,26 @@ def print_summary(summary: dict) -> None:
             f" (strict judge {held['heldout_declined_before']:.2f} -> {held['heldout_declined_after']:.2f})"
             f" | general KL {held['general_kl_mean']:.2e}"
         )
-    console.print(line)
+        for key, label in HELDOUT_EXTRA_LABELS.items():
+            if f"{key}_before" in held:
+                line += f" | {label} {held[f'{key}_before']:.2f} -> {held[f'{key}_after']:.2f}"
+    head, _, tail = line.partition(" ‖ΔW X‖/‖W_ref X‖: ")
+    first, *rest = tail.split(" | ")  # one figure per line, each within 80 columns
+    lines += [head + " ‖ΔW X‖/‖W_ref X‖:", "  " + first, *("  | " + part for part in rest)]
+    lines.append("What the leakage figures mean (the largest over protected layers):")
+    for split, value in summary["leakage"].items():
+        lines.append(f"  {split} {value:.1e}: {LEAKAGE_MEANING.get(split, split)},")
+        lines.append(f"    the protected layers' outputs moved by {100 * value:.3g} % of their size (0 = untouched).")
+    if "fit" in summary["leakage"]:
+        lines.append("  fit is ~0 for an exact null space and bounded by nspo_alpha otherwise. heldout")
+        lines.append("  says how far that carries to new inputs: ~1e-4 on SmolLM2-135M with 200")
+        lines.append("  preservation examples; the smoke recipe's random 1.5M-parameter model with 9")
+        lines.append("  examples is a pipeline check, where values near or above 1 are expected.")
+    return lines
+
+
+def print_summary(summary: dict) -> None:
+    print("\n".join(summary_lines(summary)), flush=True)
 
 
 def prepare_model(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig) -> str:
@@ -325,12 +359,21 @@ def heldout_summary(script_args: NSPOScriptArguments, trainer: NSPOTrainer) -> H
             raise ValueError(f"{name}: needs a non-empty 'prompt' column of conversations.")
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     reference = AutoModelForCausalLM.from_pretrained(trainer.model.config._name_or_path, dtype=trainer.model.dtype)
+    overrefusal = []
+    if script_args.heldout_overrefusal_dataset:
+        overrefusal = load_named_dataset(script_args.heldout_overrefusal_dataset, field="heldout_overrefusal_dataset")
+        overrefusal = list(overrefusal["prompt"])
+    from importlib.util import find_spec
+
     return HeldoutSummary(
         reference.to(trainer.model.device),
         tokenizer,
         harmful["prompt"],
         general["prompt"],
         script_args.heldout_max_new_tokens,
+        overrefusal_prompts=overrefusal,
+        learned_judge=find_spec("sentence_transformers") is not None,
+        capability=script_args.heldout_capability,
     )
 
 

@@ -88,23 +88,60 @@ def layer_kind_leakage(model, reference, sequences: list[list[int]], pad_token_i
     return kinds
 
 
+JUDGED_TOKENS = 64
+"""Answer length for the learned judge's figures: it misreads answers cut much shorter (``docs/judge.md``)."""
+
+
 class HeldoutSummary:
     """Before/after figures of one training run, on prompts it never trains on.
 
     ``reference`` is the untrained model, loaded on its own (a second full copy: single-process runs of
     small models only). It answers the general prompts greedily and its refusal rate on the harmful
-    ones is measured once; :meth:`after` measures the trained model the same way.
+    ones is measured once; :meth:`after` measures the trained model the same way. With ``learned_judge``
+    (the ``judge`` extra installed) it also reports the learned judge's unsafe rate on the harmful prompts
+    and, given ``overrefusal_prompts``, its refusal rate on those; with ``capability`` the exact-match
+    score of :mod:`nspo_trl.eval.exact_match`; each before and after.
     """
 
     def __init__(
-        self, reference, tokenizer, harmful_prompts: Sequence, general_prompts: Sequence, max_new_tokens: int
+        self,
+        reference,
+        tokenizer,
+        harmful_prompts: Sequence,
+        general_prompts: Sequence,
+        max_new_tokens: int,
+        overrefusal_prompts: Sequence = (),
+        learned_judge: bool = False,
+        capability: bool = False,
     ) -> None:
         self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
         self.harmful, self.general = list(harmful_prompts), list(general_prompts)
+        self.overrefusal = list(overrefusal_prompts)
+        self.learned_judge, self.capability = learned_judge, capability
         self.reference = reference.eval().requires_grad_(False)
         self.refusal_before = self.refusal_rates(self.reference)
+        self.extra_before = self.extra_figures(self.reference)
         answers = greedy_answers(self.reference, tokenizer, self.general, max_new_tokens)
         self.sequences = answer_sequences(tokenizer, self.general, answers)
+
+    def extra_figures(self, model) -> dict[str, float]:
+        """The learned judge's unsafe and over-refusal rates and the capability score, as configured."""
+        figures: dict[str, float] = {}
+        if self.learned_judge:
+            from nspo_trl.judge.judges import pair_judge
+
+            judge = pair_judge("learned")
+            for key, prompts, harmful in (("learned_unsafe", self.harmful, True),
+                                          ("learned_overrefusal", self.overrefusal, False)):  # fmt: skip
+                if prompts:
+                    answers = greedy_answers(model, self.tokenizer, prompts, JUDGED_TOKENS)
+                    rows = judge([p[-1]["content"] for p in prompts], answers, [harmful] * len(prompts))
+                    figures[key] = sum(r["unsafe" if harmful else "refused"] for r in rows) / len(rows)
+        if self.capability:
+            from nspo_trl.eval.exact_match import capability_score
+
+            figures["capability"] = capability_score(model, self.tokenizer)["score"]
+        return figures
 
     def refusal_rates(self, model) -> tuple[float, float]:
         """Shares of the harmful prompts the model refuses by the keyword judge and by the strict one."""
@@ -114,7 +151,10 @@ class HeldoutSummary:
     def after(self, model) -> dict[str, float]:
         drift = drift_report(model, self.reference, self.sequences, self.tokenizer.pad_token_id, None, progress=False)
         keyword, strict = self.refusal_rates(model)
+        extra = {f"{k}_before": v for k, v in self.extra_before.items()}
+        extra.update({f"{k}_after": v for k, v in self.extra_figures(model).items()})
         return {
+            **extra,
             "heldout_refusal_before": self.refusal_before[0],
             "heldout_refusal_after": keyword,
             "heldout_declined_before": self.refusal_before[1],
