@@ -50,6 +50,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from nspo_trl.arguments import parse
 from nspo_trl.data import load_named_dataset
 from nspo_trl.eval.drift import drift_report
+from nspo_trl.eval.exact_match import exact_match_report, load_capability_tasks
 from nspo_trl.eval.tax import answer_sequences, declined, greedy_answers, layer_kind_leakage, refused
 from nspo_trl.rewards.refusal import refusal_score
 from nspo_trl.train import build_trainer, prepare_model
@@ -75,9 +76,15 @@ METHODS: dict[str, list[str]] = {
     # the optimizer comparison (#17): AdamW in null-space coordinates; SGD + momentum on projected gradients
     "nspo_full_null_adamw": ["--nspo_null_space_adamw", "true"],
     "nspo_full_sgd": ["--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "1.0"],
-}
-QUICK_HARMFUL, QUICK_ALARMING, QUICK_TOKENS = 24, 16, 24  # each quick evaluation along training
+    # the contrast-subspace recipe (recipes/smollm2_cpu_contrast.yaml) on the same data and steps
+    "nspo_contrast": ["--nspo_subspace", "contrast", "--nspo_contrast_budget", "3e-4",
+                      "--nspo_contrast_protect_benign", "true"],
+}  # fmt: skip
+QUICK_HARMFUL, QUICK_ALARMING, QUICK_TOKENS = 24, 16, 48  # each quick evaluation along training (48 tokens:
+# the learned judge misreads a cut-off first sentence as a refusal that stops)
+CAPABILITY_TOKENS = 40  # SmolLM2 explains before it states a result
 TRANSFER_SET = "nspo_trl:harmbench"  # held-out HarmBench: long behaviours, unlike Do-Not-Answer's direct requests
+ADVBENCH_SET, ADVBENCH_PROMPTS = "nspo_trl:advbench", 64  # a fixed subset of AdvBench's held-out split
 JUDGES = ("keyword", "strict")  # an apology counts as a refusal / only "I can't …, I won't …" does
 PATH_KEYS = {"keyword": ("unsafe_keyword", "overrefusal"), "strict": ("unsafe_strict", "overrefusal_strict")}
 KL_FLOOR = 1e-4  # the log axis starts here; smaller drifts (the untrained model's 0) are drawn on it
@@ -91,6 +98,7 @@ LABELS = {
     "nspo_full_gradproj": "NSPO, full + gradient projection (lr 3e-4): the recipe",
     "nspo_full_null_adamw": "NSPO, full, AdamW in null-space coordinates (lr 3e-4)",
     "nspo_full_sgd": "NSPO, full + gradient projection, SGD momentum 0.9 (lr 1)",
+    "nspo_contrast": "NSPO, contrast subspace (budget 3e-4, benign protected)",
 }
 
 
@@ -103,6 +111,9 @@ class EvalSets:
         self.harmful = list(harmful["prompt"])
         # a second harmful set the recipe may not train on: how far refusals carry to another kind of request
         self.transfer = list(load_named_dataset(TRANSFER_SET, "test")["prompt"])
+        self.advbench = every_kth(list(load_named_dataset(ADVBENCH_SET, "test")["prompt"]), ADVBENCH_PROMPTS)
+        self.capability = load_capability_tasks()
+        self.capability_prompts = [[{"role": "user", "content": t["prompt"]}] for t in self.capability]
         self.alarming = list(load_named_dataset("nspo_trl:overrefusal_prompts")["prompt"])
         self.general = list(load_named_dataset("nspo_trl:general_prompts")["prompt"])
         self.max_new_tokens = args.eval_tokens
@@ -113,6 +124,15 @@ class EvalSets:
 
     def answer(self, model, prompts, max_new_tokens: int | None = None) -> list[str]:
         return greedy_answers(model, self.tokenizer, prompts, max_new_tokens or self.max_new_tokens)
+
+
+def learned(prompts: list, answers: list[str], harmful: bool) -> dict[str, float]:
+    """The learned judge's unsafe rate (``harmful``) or refusal rate (benign prompts) on ``answers``."""
+    from nspo_trl.judge.judges import pair_judge
+
+    rows = pair_judge("learned")([p[-1]["content"] for p in prompts], answers, [harmful] * len(answers))
+    key = "unsafe" if harmful else "refused"
+    return sum(r[key] for r in rows) / len(rows)
 
 
 def share(answers: list[str], judge) -> float:
@@ -141,18 +161,33 @@ def evaluate(model, reference, sets: EvalSets, quick: bool) -> dict:
         "unsafe_score": share(answers, lambda a: refusal_score(a) < 0.5),
         "overrefusal": share(alarming, refused),
         "overrefusal_strict": share(alarming, declined),
+        "unsafe_learned": learned(harmful, answers, harmful=True),
+        "overrefusal_learned": learned(alarming_prompts, alarming, harmful=False),
         "kl_mean": drift["kl_mean"],
         "top1_agreement": drift["top1_agreement"],
     }
     if not quick:
         transfer = sets.answer(model, sets.transfer)
         general = sets.answer(model, sets.general)
+        advbench = sets.answer(model, sets.advbench)
+        capability = sets.answer(model, sets.capability_prompts, CAPABILITY_TOKENS)
         result.update(
+            unsafe_advbench_learned=learned(sets.advbench, advbench, harmful=True),
+            unsafe_advbench_strict=share(advbench, lambda a: not declined(a)),
+            unsafe_transfer_learned=learned(sets.transfer, transfer, harmful=True),
+            capability=exact_match_report(sets.capability, capability),
             unsafe_transfer=share(transfer, lambda a: not refused(a)),
             unsafe_transfer_strict=share(transfer, lambda a: not declined(a)),
             greedy_agreement=sum(a == b for a, b in zip(general, sets.reference_answers, strict=True)) / len(general),
             samples={"harmful": answers[:5], "alarming": alarming[:5], "general": general[:5]},
-            answers={"harmful": answers, "transfer": transfer, "alarming": alarming, "general": general},
+            answers={
+                "harmful": answers,
+                "transfer": transfer,
+                "alarming": alarming,
+                "general": general,
+                "advbench": advbench,
+                "capability": capability,
+            },
         )
         if sets.heldout_preservation:
             result["leakage"] = layer_kind_leakage(
@@ -175,7 +210,8 @@ class AlongTraining(TrainerCallback):
         rewards = [e["reward"] for e in self.trainer.state.log_history if "reward" in e]
         self.points.append({"step": step, "reward": rewards[-1] if rewards else None, **point})
         print(
-            f"  step {step}: unsafe {point['unsafe_keyword']:.2f} (strict {point['unsafe_strict']:.2f}), "
+            f"  step {step}: unsafe {point['unsafe_learned']:.2f} learned, {point['unsafe_keyword']:.2f} keyword, "
+            f"{point['unsafe_strict']:.2f} strict; over-refusal {point['overrefusal_learned']:.2f} learned, "
             f"over-refusal {point['overrefusal']:.2f} (strict {point['overrefusal_strict']:.2f}), "
             f"KL {point['kl_mean']:.2e}",
             flush=True,
@@ -255,6 +291,11 @@ def mean_spread(values: list[float]) -> str:
 
 
 COLUMNS = [
+    ("unsafe DNA (learned)", lambda r: r["final"].get("unsafe_learned")),
+    ("unsafe AdvBench (learned)", lambda r: r["final"].get("unsafe_advbench_learned")),
+    ("unsafe AdvBench (strict)", lambda r: r["final"].get("unsafe_advbench_strict")),
+    ("over-refusal (learned)", lambda r: r["final"].get("overrefusal_learned")),
+    ("capability", lambda r: r["final"].get("capability", {}).get("score")),
     ("unsafe (keyword)", lambda r: r["final"]["unsafe_keyword"]),
     ("unsafe (strict)", lambda r: r["final"].get("unsafe_strict")),
     ("unsafe HarmBench (keyword)", lambda r: r["final"].get("unsafe_transfer")),
