@@ -273,3 +273,12 @@ def test_every_nspo_setting_is_in_the_settings_table():
             kind = str(hints[field.name]).replace("<class '", "").replace("'>", "").replace("typing.", "")
             kind = kind.replace(" | ", " \\| ")  # escaped inside a Markdown cell
             assert f"| `{field.name}` | `{kind}` | `{default!r}` |" in table, field.name
+
+
+def test_benchmark_tables_match_their_result_files():
+    """A table embedded as ``<!-- results/X.md -->…<!-- /results/X.md -->`` is that file, byte for byte."""
+    text = (REPO / "benchmarks" / "README.md").read_text()
+    embedded = re.findall(r"<!-- (results/[\w/.-]+\.md) -->\n(.*?)<!-- /\1 -->", text, flags=re.S)
+    assert embedded
+    for name, table in embedded:
+        assert table == (REPO / "benchmarks" / name).read_text(), name
