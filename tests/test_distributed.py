@@ -24,6 +24,8 @@ from nspo_trl.data import load_named_dataset
 from nspo_trl.nullspace.projector import NullSpaceProjector
 from nspo_trl.preservation import tokenize_preservation
 
+pytestmark = pytest.mark.slow  # several seconds to a minute each on 2 CPU cores
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))  # nspo_run's constants
 RUN = ROOT / "tests" / "distributed" / "nspo_run.py"

@@ -21,6 +21,8 @@ from nspo_trl.data import load_named_dataset
 from nspo_trl.model_source import resolve_model_path
 from nspo_trl.rewards import refusal_reward
 
+pytestmark = pytest.mark.slow  # several seconds to a minute each on 2 CPU cores
+
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 

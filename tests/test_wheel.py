@@ -70,6 +70,7 @@ def test_the_installed_package_is_the_wheel(installed, tmp_path):
     assert where.strip().startswith(str(installed.parent)), where
 
 
+@pytest.mark.slow
 def test_every_shipped_recipe_dry_runs_from_the_wheel(installed, tmp_path):
     for name in shipped_recipes():
         result = run([str(installed / "nspo-trl"), "train", name, "--dry-run"], tmp_path)
