@@ -231,10 +231,12 @@ def run_one(method: str, seed: int, args, reference, sets: EvalSets, extra: list
     # runs that build the same projector (same targets, preservation data, NSPO settings and seed) share one,
     # built once; other overrides (the reward, the learning rate) do not change it
     targets = "mlp" if "mlp" in METHODS[method] else "full"
+    # the method's own projector settings count too (the contrast method's subspace), its targets are in the name
+    settings = [*METHODS[method], *extra]
     shaping = [
         f"{k}={v}"
-        for k, v in zip(extra[::2], extra[1::2], strict=True)
-        if k.startswith(PROJECTOR_FIELDS) and k not in TRAINING_ONLY_FIELDS
+        for k, v in zip(settings[::2], settings[1::2], strict=True)
+        if k.startswith(PROJECTOR_FIELDS) and k not in (*TRAINING_ONLY_FIELDS, "--nspo_target_modules")
     ]
     projector = Path(args.out) / "projectors" / f"{targets}-s{seed}-{'_'.join(shaping) or 'default'}"
     script_args, training_args, model_args = parse(
