@@ -1,7 +1,7 @@
 """Table and figure of ``alignment_tax.py`` runs trained and judged with the learned judge.
 
-    python benchmarks/alignment_tax.py --methods grpo nspo_full_gradproj --seeds 0 --max-steps 40 \\
-        --eval-every 10 --eval-tokens 64 --out OUT \\
+    python benchmarks/alignment_tax.py --methods grpo grpo_kl nspo_full_gradproj nspo_contrast --seeds 0 \\
+        --max-steps 40 --eval-every 10 --eval-tokens 64 --out OUT \\
         --set reward_funcs=learned_judge judge_mode=threshold max_completion_length=48
     python benchmarks/learned_judge_table.py OUT
 
