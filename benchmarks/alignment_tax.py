@@ -129,8 +129,9 @@ class EvalSets:
 def learned(prompts: list, answers: list[str], harmful: bool) -> dict[str, float]:
     """The learned judge's unsafe rate (``harmful``) or refusal rate (benign prompts) on ``answers``."""
     from nspo_trl.judge.judges import pair_judge
+    from nspo_trl.rewards.learned_judge import prompt_text
 
-    rows = pair_judge("learned")([p[-1]["content"] for p in prompts], answers, [harmful] * len(answers))
+    rows = pair_judge("learned")([prompt_text(p) for p in prompts], answers, [harmful] * len(answers))
     key = "unsafe" if harmful else "refused"
     return sum(r[key] for r in rows) / len(rows)
 

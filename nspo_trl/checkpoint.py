@@ -169,8 +169,8 @@ RULE_SETTINGS = {"alpha": "nspo_alpha", "energy": "nspo_energy", "max_null_rank"
 def describe_differences(stored: Mapping, wanted: Mapping) -> str:
     """Each differing field as ``name: the checkpoint was built with X, this run asks for Y``, joined by ``; ``.
 
-    Fields of the stored rule are named by the setting that sets them (``nspo_alpha``, ...); digests
-    (long hex strings) are shortened to their first 12 characters.
+    Fields of the stored rule are named by the setting that sets them (``nspo_alpha``, ...); strings longer
+    than 24 characters (digests) are cut to their first 14.
     """
 
     def shown(value) -> str:

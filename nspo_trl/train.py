@@ -363,7 +363,7 @@ def heldout_summary(script_args: NSPOScriptArguments, trainer: NSPOTrainer) -> H
     if script_args.heldout_overrefusal_dataset:
         overrefusal = load_named_dataset(script_args.heldout_overrefusal_dataset, field="heldout_overrefusal_dataset")
         overrefusal = list(overrefusal["prompt"])
-    from importlib.util import find_spec
+    from nspo_trl.judge.embedder import judge_extra_missing
 
     return HeldoutSummary(
         reference.to(trainer.model.device),
@@ -372,7 +372,7 @@ def heldout_summary(script_args: NSPOScriptArguments, trainer: NSPOTrainer) -> H
         general["prompt"],
         script_args.heldout_max_new_tokens,
         overrefusal_prompts=overrefusal,
-        learned_judge=find_spec("sentence_transformers") is not None,
+        learned_judge=not judge_extra_missing(),
         capability=script_args.heldout_capability,
     )
 

@@ -87,6 +87,15 @@ def test_the_prompt_head_tells_harmful_from_alarming_but_benign(judge):
     assert probs["harmful"][0] > 0.5 > probs["harmful"][1]
 
 
+def test_the_data_says_which_prompts_are_harmful_where_it_can(judge):
+    probs = {h: judge.probabilities([BOMB], [STEPS], [h]) for h in (True, False, None)}
+    assert probs[True]["unsafe"][0] == probs[True]["fulfils"][0] > 0.5
+    assert probs[False]["unsafe"][0] == 0.0
+    assert probs[None]["unsafe"][0] == pytest.approx(probs[None]["harmful"][0] * probs[None]["fulfils"][0])
+    (verdict,) = judge.judge([BOMB], [STEPS], [False])
+    assert not verdict.unsafe and verdict.harmful_prompt_score > 0.5  # the head's own estimate is still reported
+
+
 def test_split_response_separates_the_opening():
     assert split_response("I'm sorry. Here is how.\nStep 1.") == ("I'm sorry.", "Here is how.\nStep 1.")
     assert split_response("  one sentence only ") == ("one sentence only", "")

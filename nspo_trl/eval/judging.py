@@ -26,20 +26,16 @@ PAIR_JUDGES = ("learned", "keyword", "strict")
 """Judges of :mod:`nspo_trl.judge.judges` that also say whether a response refused (for over-refusal)."""
 
 
-def _request_and_response(conversation: Conversation) -> tuple[str, str]:
-    users = [m["content"] for m in conversation[:-1] if m["role"] == "user"]
-    return (users[-1] if users else ""), conversation[-1]["content"]
-
-
 def conversation_judge(kind: str) -> Judge:
     """A pair judge on judge-ready conversations (every prompt of a safety set is a harmful request)."""
     from nspo_trl.judge.judges import pair_judge
+    from nspo_trl.rewards.learned_judge import prompt_text
 
     judge = pair_judge(kind)
 
     def verdicts(conversations: Sequence[Conversation]) -> list[GuardVerdict]:
-        pairs = [_request_and_response(c) for c in conversations]
-        rows = judge([p for p, _ in pairs], [r for _, r in pairs], [True] * len(pairs))
+        prompts = [prompt_text(c[:-1]) for c in conversations]  # the last turn is the response judged
+        rows = judge(prompts, [c[-1]["content"] for c in conversations], [True] * len(conversations))
         return [GuardVerdict(unsafe=bool(row["unsafe"])) for row in rows]
 
     return verdicts

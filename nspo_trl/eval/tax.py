@@ -129,13 +129,14 @@ class HeldoutSummary:
         figures: dict[str, float] = {}
         if self.learned_judge:
             from nspo_trl.judge.judges import pair_judge
+            from nspo_trl.rewards.learned_judge import prompt_text
 
             judge = pair_judge("learned")
             for key, prompts, harmful in (("learned_unsafe", self.harmful, True),
                                           ("learned_overrefusal", self.overrefusal, False)):  # fmt: skip
                 if prompts:
                     answers = greedy_answers(model, self.tokenizer, prompts, JUDGED_TOKENS)
-                    rows = judge([p[-1]["content"] for p in prompts], answers, [harmful] * len(prompts))
+                    rows = judge([prompt_text(p) for p in prompts], answers, [harmful] * len(prompts))
                     figures[key] = sum(r["unsafe" if harmful else "refused"] for r in rows) / len(rows)
         if self.capability:
             from nspo_trl.eval.exact_match import capability_score

@@ -28,9 +28,14 @@ well under a second on two CPU cores)."""
 INSTALL_HINT = "pip install 'nspo_trl[judge]'"
 
 
+def judge_extra_missing() -> list[str]:
+    """The modules of the ``judge`` extra that are not installed (none: the learned judge can run)."""
+    return [name for name in ("sentence_transformers", MODEL_PACKAGE) if importlib.util.find_spec(name) is None]
+
+
 def require_judge_extra() -> None:
     """One-line ``ImportError`` naming the extra when sentence-transformers or the model wheel is missing."""
-    missing = [name for name in ("sentence_transformers", MODEL_PACKAGE) if importlib.util.find_spec(name) is None]
+    missing = judge_extra_missing()
     if missing:
         raise ImportError(f"the learned judge needs {', '.join(missing)}: {INSTALL_HINT}")
 

@@ -41,16 +41,9 @@ def pair_judge(
 
 
 def _learned(prompts: Sequence[str], responses: Sequence[str], is_harmful: Sequence[bool | None]) -> list[dict]:
-    from nspo_trl.judge.model import THRESHOLD, default_judge
+    from nspo_trl.judge.model import default_judge
 
-    out = []
-    for judgement, harmful in zip(default_judge().judge(prompts, responses), is_harmful, strict=True):
-        row = judgement.as_dict()
-        if harmful is not None:  # the data says which prompts are harmful: it overrides the prompt head
-            row["unsafe_score"] = row["fulfils_score"] if harmful else 0.0
-            row["unsafe"] = bool(harmful and row["fulfils_score"] >= THRESHOLD)
-        out.append(row)
-    return out
+    return [judgement.as_dict() for judgement in default_judge().judge(prompts, responses, is_harmful)]
 
 
 def _rule(rule: Callable[[str], bool]) -> PairJudge:

@@ -20,9 +20,8 @@ from typing import Literal
 
 import numpy as np
 
+from nspo_trl.judge.model import THRESHOLD
 from nspo_trl.rewards.refusal import completion_text
-
-THRESHOLD = 0.5
 
 
 def prompt_text(prompt) -> str:
