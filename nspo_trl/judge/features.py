@@ -67,3 +67,18 @@ def pair_features(
     r = r * np.array([[float(bool(rest))] for rest in rests], dtype=np.float32)  # no rest: r = 0
     scalars = np.stack([scalar_features(a, b, *e) for a, b, *e in zip(openings, rests, p, o, r, strict=True)])
     return np.concatenate([o, r, p * o, p * r, scalars], axis=1).astype(np.float32)
+
+
+def embed_pairs(embedder, prompts: Sequence[str], responses: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(φ, p)``: the ``(n, 4·384 + 7)`` pair features and the ``(n, 384)`` prompt embeddings.
+
+    ``embedder`` maps texts to unit-norm ``(m, 384)`` embeddings; prompts, openings and rests go to it in
+    one call.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"learned judge: {len(prompts)} prompts but {len(responses)} responses.")
+    openings, rests = zip(*(split_response(r) for r in responses), strict=True) if responses else ((), ())
+    n = len(prompts)
+    embedded = embedder([*prompts, *openings, *rests])
+    p, o, r = embedded[:n], embedded[n : 2 * n], embedded[2 * n :]
+    return pair_features(openings, rests, p, o, r), p

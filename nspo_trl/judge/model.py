@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nspo_trl.judge.features import pair_features, split_response
+from nspo_trl.judge.features import embed_pairs
 
 WEIGHTS_PATH = Path(__file__).resolve().parent.parent / "resources" / "judge" / "learned_judge.safetensors"
 HEADS = ("refused", "fulfils", "harmful")
@@ -165,14 +165,8 @@ class LearnedJudge:
         save_file(tensors, str(path), metadata=metadata)
 
     def features(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``(φ, p)``: pair features ``(n, 1543)`` and prompt embeddings ``(n, 384)``."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"learned judge: {len(prompts)} prompts but {len(responses)} responses.")
-        openings, rests = zip(*(split_response(r) for r in responses), strict=True) if responses else ((), ())
-        n = len(prompts)
-        embedded = self.embedder([*prompts, *openings, *rests])
-        p, o, r = embedded[:n], embedded[n : 2 * n], embedded[2 * n :]
-        return pair_features(openings, rests, p, o, r), p
+        """``(φ, p)``: pair features ``(n, 1543)`` and prompt embeddings ``(n, 384)`` (:func:`embed_pairs`)."""
+        return embed_pairs(self.embedder, prompts, responses)
 
     def probabilities(
         self, prompts: Sequence[str], responses: Sequence[str], is_harmful: Sequence[bool | None] | None = None

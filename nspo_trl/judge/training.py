@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nspo_trl.judge.features import embed_pairs
 from nspo_trl.judge.labelled import (
     FAILURE_MODES,
     Example,
@@ -248,8 +249,7 @@ def report_digest(report: dict) -> str:
 
 def fit_judge(pairs: list[Example], prompts: list[PromptExample], embedder) -> tuple[LearnedJudge, float]:
     """The three heads fitted on ``pairs`` and ``prompts``; returns the judge and the prompt head's ``C``."""
-    unfitted = LearnedJudge({"refused": None, "fulfils": None, "harmful": None}, embedder)  # type: ignore[arg-type]
-    phi, _ = unfitted.features([e.prompt for e in pairs], [e.response for e in pairs])
+    phi, _ = embed_pairs(embedder, [e.prompt for e in pairs], [e.response for e in pairs])
     heads = {}
     for name, attribute in (("refused", "refused"), ("fulfils", "fulfilled")):
         keep = [i for i, e in enumerate(pairs) if getattr(e, attribute) is not None]
@@ -325,10 +325,9 @@ def train(output: Path, embedder=None) -> dict:
     whole = pyrit + failure_mode_examples(pyrit, harmful_texts, seed=SEED)
     pairs = whole + truncated_copies(whole, seed=SEED)
     # embed every text once, with a progress bar (every fit and the report reuse the cache)
-    unfitted = LearnedJudge({"refused": None, "fulfils": None, "harmful": None}, embedder)  # type: ignore[arg-type]
     for start in tqdm(range(0, len(pairs), 64), desc="embedding pairs", unit="batch"):
         batch = pairs[start : start + 64]
-        unfitted.features([e.prompt for e in batch], [e.response for e in batch])
+        embed_pairs(embedder, [e.prompt for e in batch], [e.response for e in batch])
     embedder([e.prompt for e in prompts])
 
     train_pairs = [e for e in pairs if e.split == "train"]
