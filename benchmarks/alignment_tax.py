@@ -47,14 +47,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from nspo_trl.arguments import parse
-from nspo_trl.data import load_named_dataset
+from nspo_trl.cli.arguments import parse
+from nspo_trl.cli.train import build_trainer, prepare_model
+from nspo_trl.data.named_sets import load_named_dataset
+from nspo_trl.eval.answers import answer_sequences, greedy_answers
 from nspo_trl.eval.drift import drift_report
 from nspo_trl.eval.exact_match import exact_match_report, load_capability_tasks
-from nspo_trl.eval.tax import answer_sequences, declined, greedy_answers, layer_kind_leakage, refused
+from nspo_trl.eval.tax import layer_kind_leakage
+from nspo_trl.judge.rules import declined, refused
 from nspo_trl.rewards.refusal import refusal_score
-from nspo_trl.train import build_trainer, prepare_model
-from nspo_trl.trainer import grad_null_fraction_metric
+from nspo_trl.trainer.nspo_trainer import grad_null_fraction_metric
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECTOR_FIELDS = ("--nspo_", "--preservation_")  # the overrides a projector depends on, except:
@@ -128,8 +130,8 @@ class EvalSets:
 
 def learned(prompts: list, answers: list[str], harmful: bool) -> dict[str, float]:
     """The learned judge's unsafe rate (``harmful``) or refusal rate (benign prompts) on ``answers``."""
-    from nspo_trl.judge.judges import pair_judge
-    from nspo_trl.rewards.learned_judge import prompt_text
+    from nspo_trl.eval.judges import pair_judge
+    from nspo_trl.judge.rules import prompt_text
 
     rows = pair_judge("learned")([prompt_text(p) for p in prompts], answers, [harmful] * len(answers))
     key = "unsafe" if harmful else "refused"
@@ -226,6 +228,17 @@ class AlongTraining(TrainerCallback):
             self._record(state.global_step)
 
 
+def flag_values(argv: list[str]) -> list[tuple[str, str]]:
+    """``["--a", "1", "--b", "x", "y"]`` → ``[("--a", "1"), ("--b", "x y")]``: each flag with its values."""
+    pairs: list[tuple[str, list[str]]] = []
+    for token in argv:
+        if token.startswith("--"):
+            pairs.append((token, []))
+        else:
+            pairs[-1][1].append(token)
+    return [(flag, " ".join(values)) for flag, values in pairs]
+
+
 def run_one(method: str, seed: int, args, reference, sets: EvalSets, extra: list[str], name: str) -> dict:
     overrides = [*METHODS[method], *extra, "--seed", str(seed), "--max_steps", str(args.max_steps)]
     output_dir = Path(args.out) / "outputs" / name
@@ -236,7 +249,7 @@ def run_one(method: str, seed: int, args, reference, sets: EvalSets, extra: list
     settings = [*METHODS[method], *extra]
     shaping = [
         f"{k}={v}"
-        for k, v in zip(settings[::2], settings[1::2], strict=True)
+        for k, v in flag_values(settings)
         if k.startswith(PROJECTOR_FIELDS) and k not in (*TRAINING_ONLY_FIELDS, "--nspo_target_modules")
     ]
     projector = Path(args.out) / "projectors" / f"{targets}-s{seed}-{'_'.join(shaping) or 'default'}"
@@ -428,7 +441,8 @@ def main() -> None:
         report(args)
         return
     torch.manual_seed(0)
-    extra = [x for kv in args.set for x in (f"--{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
+    # "reward_funcs=learned_judge refusal_tiered": a list field takes its values separated by spaces
+    extra = [x for kv in args.set for x in (f"--{kv.split('=', 1)[0]}", *kv.split("=", 1)[1].split())]
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
 
     script_args, training_args, model_args = parse([str(args.recipe)])

@@ -44,7 +44,7 @@ def child(model: str, budget_gb: float, out: str) -> None:
     from transformers import AutoTokenizer
 
     from nspo_trl import NSPOConfig, NSPOTrainer
-    from nspo_trl.data import load_named_dataset
+    from nspo_trl.data.named_sets import load_named_dataset
     from nspo_trl.nullspace.sharding import all_gather_objects
 
     meter = CovarianceMeter()
@@ -123,7 +123,7 @@ def main() -> None:
         child(args.child[0], float(args.child[1]), args.child[2])
         return
 
-    from nspo_trl.tiny_model import build_tiny_model
+    from nspo_trl.models.tiny_model import build_tiny_model
 
     shape = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers)
     shape.update(num_attention_heads=args.hidden // 64, num_key_value_heads=2)

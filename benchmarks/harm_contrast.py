@@ -41,7 +41,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 from null_space_diagnosis import REFUSAL, covariances, kind_of, reference_and_preservation
 
-from nspo_trl.data import load_named_dataset, seeded_subset
+from nspo_trl.data.named_sets import load_named_dataset, seeded_subset
 from nspo_trl.nullspace.contrast import CONTRAST_RIDGE, contrast_basis_from_eigh, dim_within_budget, energy_curve
 from nspo_trl.nullspace.targets import resolve_protected_layers
 

@@ -33,12 +33,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nspo_trl.arguments import parse
-from nspo_trl.data import load_named_dataset, seeded_subset
+from nspo_trl.cli.arguments import parse
+from nspo_trl.cli.train import load_preservation, prepare_model
+from nspo_trl.data.named_sets import load_named_dataset, seeded_subset
+from nspo_trl.data.preservation import iter_batches, split_heldout, tokenize_preservation
 from nspo_trl.nullspace.collect import CovarianceCollector, run_collection
 from nspo_trl.nullspace.targets import resolve_protected_layers
-from nspo_trl.preservation import iter_batches, split_heldout, tokenize_preservation
-from nspo_trl.train import load_preservation, prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
 REFUSAL = "I'm sorry, but I can't help with that."

@@ -34,10 +34,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nspo_trl.arguments import REWARD_FUNCS, parse
-from nspo_trl.data import load_named_dataset, seeded_subset
-from nspo_trl.rewards.refusal import REFUSAL_PATTERN
-from nspo_trl.train import prepare_model
+from nspo_trl.cli.arguments import REWARD_FUNCS, parse
+from nspo_trl.cli.train import prepare_model
+from nspo_trl.data.named_sets import load_named_dataset, seeded_subset
+from nspo_trl.judge.rules import REFUSAL_PATTERN
 
 ROOT = Path(__file__).resolve().parent.parent
 SETS = ("nspo_trl:harmbench", "nspo_trl:donotanswer")

@@ -25,9 +25,9 @@ from transformers import AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from nspo_trl import NSPOConfig, NSPOTrainer
-from nspo_trl.data import load_named_dataset
+from nspo_trl.data.named_sets import load_named_dataset
+from nspo_trl.models.tiny_model import build_tiny_model
 from nspo_trl.rewards import refusal_reward
-from nspo_trl.tiny_model import build_tiny_model
 
 
 class StepTimer(TrainerCallback):

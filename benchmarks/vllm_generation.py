@@ -30,8 +30,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from transformers import TrainerCallback
 
-from nspo_trl.arguments import parse
-from nspo_trl.train import build_trainer
+from nspo_trl.cli.arguments import parse
+from nspo_trl.cli.train import build_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,9 +17,9 @@ import json
 import math
 from pathlib import Path
 
-from nspo_trl import cli
+from nspo_trl.cli import commands as cli
 from nspo_trl.eval.report import plot_layers
-from nspo_trl.plan import model_config, protected_linears
+from nspo_trl.planning.plan import model_config, protected_linears
 
 DOCS = Path(__file__).resolve().parent
 

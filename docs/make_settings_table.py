@@ -11,7 +11,7 @@ import re
 import typing
 from pathlib import Path
 
-from nspo_trl.config import NSPOConfig
+from nspo_trl.trainer.nspo_config import NSPOConfig
 
 PAGE = Path(__file__).resolve().parent / "recipes.md"
 START, END = "<!-- settings -->\n", "\n<!-- /settings -->"

@@ -16,9 +16,9 @@ import pytest
 from testing_utils import PRESERVATION_MAX_LENGTH
 from transformers import AutoTokenizer
 
-from nspo_trl.data import load_named_dataset
-from nspo_trl.preservation import tokenize_preservation
-from nspo_trl.tiny_model import build_tiny_model
+from nspo_trl.data.named_sets import load_named_dataset
+from nspo_trl.data.preservation import tokenize_preservation
+from nspo_trl.models.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

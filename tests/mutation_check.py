@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 INTEGRITY = "tests/test_checkpoint_integrity.py"
 INVARIANTS = "tests/test_invariants.py"
-COPY_STATE = "checkpointing.copy_verified(source, checkpoint / checkpointing.NSPO_STATE_DIR, self._state_digests)"
-COMMIT = "checkpointing.commit(checkpoint, self.state.global_step, self.projector_identity())"
+COPY_STATE = "copy_verified(source, checkpoint / NSPO_STATE_DIR, self._state_digests)"
+COMMIT = "commit(checkpoint, self.state.global_step, self.projector_identity())"
 
 
 @dataclass(frozen=True)
@@ -42,57 +42,57 @@ class Mutant:
 MUTANTS = [
     Mutant(
         "COMMITTED written before the nspo/ files",
-        "nspo_trl/trainer.py",
+        "nspo_trl/trainer/checkpointing.py",
         f"            {COPY_STATE}\n            {COMMIT}\n",
         f"            {COMMIT}\n            {COPY_STATE}\n",
         (f"{INTEGRITY}::test_commit_record_lists_every_file_with_its_digest",),
     ),
     Mutant(
         "save_total_limit not suspended: old checkpoints rotated before the new one is committed",
-        "nspo_trl/trainer.py",
+        "nspo_trl/trainer/checkpointing.py",
         "        self.args.save_total_limit = None\n",
         "        self.args.save_total_limit = limit\n",
         (f"{INTEGRITY}::test_older_checkpoints_are_rotated_only_after_the_new_one_is_committed",),
     ),
     Mutant(
         "W_ref not restored from the checkpoint on resume",
-        "nspo_trl/trainer.py",
+        "nspo_trl/trainer/checkpointing.py",
         "        self.constrained_update.load_reference(reference)\n",
         "        pass\n",
         ("tests/test_trainer.py::test_resume_restores_state_and_continues_identically",),
     ),
     Mutant(
         "state hard-linked into checkpoints instead of copied",
-        "nspo_trl/checkpoint.py",
+        "nspo_trl/trainer/checkpointing.py",
         "    shutil.copytree(source, staging)\n",
         "    shutil.copytree(source, staging, copy_function=os.link)\n",
         (f"{INTEGRITY}::test_checkpoints_hold_copies_not_links",),
     ),
     Mutant(
         "copies of the state not checked against the digests taken when it was written",
-        "nspo_trl/checkpoint.py",
+        "nspo_trl/trainer/checkpointing.py",
         "    if copied != dict(digests):\n",
         "    if False:\n",
         (f"{INTEGRITY}::test_damage_to_the_state_source_is_not_copied_into_new_checkpoints",),
     ),
     Mutant(
         "an explicit checkpoint path resumed without verifying its digests",
-        "nspo_trl/trainer.py",
+        "nspo_trl/trainer/checkpointing.py",
         "        if not verified:\n",
         "        if False:\n",
         (f"{INTEGRITY}::test_explicit_resume_from_damaged_checkpoint_fails_in_one_line",),
     ),
     Mutant(
         "a checkpoint's size checked but not its content",
-        "nspo_trl/checkpoint.py",
+        "nspo_trl/trainer/checkpointing.py",
         ' or file_digest(path)["sha256"] != expected.get("sha256"):',
         ":",
         (f"{INTEGRITY}::test_damaged_checkpoint_is_named_and_refused",),
     ),
     Mutant(
         "resume with another projector setting accepted",
-        "nspo_trl/trainer.py",
-        "        if checkpointing.differing_fields(saved_identity, self.projector_identity()):\n",
+        "nspo_trl/trainer/checkpointing.py",
+        "        if differing_fields(saved_identity, self.projector_identity()):\n",
         "        if False:\n",
         (f"{INTEGRITY}::test_resume_with_another_projector_setting_is_refused",),
     ),
@@ -112,63 +112,63 @@ MUTANTS = [
     ),
     Mutant(
         "the trainer ignores nspo_covariance_dtype",
-        "nspo_trl/trainer.py",
-        "            dtype=args.covariance_torch_dtype,\n",
+        "nspo_trl/nullspace/build.py",
+        "            dtype=settings.covariance_torch_dtype,\n",
         "            dtype=torch.float64,\n",
         (f"{INVARIANTS}::test_trainer_accumulates_covariances_in_the_configured_dtype",),
     ),
     Mutant(
         "held-out probes collected from the fit split",
-        "nspo_trl/trainer.py",
+        "nspo_trl/nullspace/build.py",
         'modules, heldout, covariance=False, description="NSPO held-out probes"',
         'modules, fit, covariance=False, description="NSPO held-out probes"',
         (f"{INVARIANTS}::test_heldout_probes_come_from_heldout_examples_only",),
     ),
     Mutant(
         "a protected layer's bias left trainable",
-        "nspo_trl/trainer.py",
-        "                layer.linear.bias.requires_grad_(False)",
-        "                pass",
+        "nspo_trl/nullspace/freezing.py",
+        "            layer.linear.bias.requires_grad_(False)",
+        "            pass",
         (f"{INVARIANTS}::test_protected_biases_are_frozen_and_unchanged",),
     ),
     Mutant(
         "ranks' owner maps never compared",
-        "nspo_trl/trainer.py",
+        "nspo_trl/nullspace/build.py",
         '        check_agreement(owners, "group owners")\n',
         "",
         (f"{INVARIANTS}::test_trainer_checks_that_ranks_agree_on_owners",),
     ),
     Mutant(
         "projection skipped after optimizer steps",
-        "nspo_trl/trainer.py",
+        "nspo_trl/trainer/callback.py",
         "        if every and (state.global_step + 1) % every == 0:\n            self.trainer.project_updates()",
         "        if False:\n            self.trainer.project_updates()",
         ("tests/test_trainer.py::test_mlp_targets_twenty_steps_leak_nothing",),
     ),
     Mutant(
         "push_to_hub uploads the projector without nspo_push_projector",
-        "nspo_trl/trainer.py",
+        "nspo_trl/trainer/hub.py",
         '({"nspo_projector"} if self.args.nspo_push_projector else set())',
         '{"nspo_projector"}',
         ("tests/test_hub.py::test_push_to_hub_sends_the_model_and_card_only",),
     ),
     Mutant(
         "--dry-run printed by every rank of a launch",
-        "nspo_trl/train.py",
+        "nspo_trl/cli/train.py",
         'if int(os.environ.get("RANK", "0")) != 0:',
         "if False:",
         ("tests/test_recipes.py::test_dry_run_prints_once_per_launch",),
     ),
     Mutant(
         "safety_mix trains without the benign-but-alarming prompts",
-        "nspo_trl/data.py",
+        "nspo_trl/data/named_sets.py",
         '            (_bundled("overrefusal_train_prompts"), "overrefusal"),\n',
         "",
         ("tests/test_safety_sets.py::test_safety_mix_trains_on_alarming_benign_prompts_and_tests_on_others",),
     ),
     Mutant(
         "W_ref re-taken on resume from the weights as loaded from the checkpoint",
-        "nspo_trl/trainer.py",
+        "nspo_trl/trainer/callback.py",
         "        if args.nspo_project_every and state.global_step == 0:\n",
         "        if state.global_step:  # resumed: anchor to the weights as loaded\n"
         "            self.trainer.constrained_update.load_reference(\n"
@@ -179,7 +179,7 @@ MUTANTS = [
     ),
     Mutant(
         "held-out leakage computed on the fit examples' inputs",
-        "nspo_trl/trainer.py",
+        "nspo_trl/trainer/nspo_trainer.py",
         "self.constrained_update.leakage(self.projector.probes.get(split, {}))",
         'self.constrained_update.leakage(self.projector.probes.get("fit", {}))',
         (f"{INVARIANTS}::test_heldout_leakage_is_measured_on_heldout_inputs",),

@@ -6,7 +6,7 @@ import torch
 from testing_utils import make_trainer, nspo_args
 
 from nspo_trl.nullspace import collect
-from nspo_trl.plan import memory_plan, model_config
+from nspo_trl.planning.plan import memory_plan, model_config
 
 
 class CovarianceMeter:

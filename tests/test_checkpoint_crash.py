@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from nspo_trl.train import cli
+from nspo_trl.cli.train import cli
 
 REPO = Path(__file__).resolve().parent.parent
 

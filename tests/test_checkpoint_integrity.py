@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from testing_utils import COMMON, NSPO_COMMON, make_trainer
 
 from nspo_trl import NSPOConfig
-from nspo_trl.checkpoint import CheckpointError, damage, newest_intact
+from nspo_trl.trainer.checkpointing import CheckpointError, damage, newest_intact
 
 STEPS = 8
 

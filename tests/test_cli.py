@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from nspo_trl import cli
-from nspo_trl.arguments import parse
-from nspo_trl.packaged import (
+from nspo_trl.cli import commands as cli
+from nspo_trl.cli.arguments import parse
+from nspo_trl.cli.packaged import (
     ACCELERATE_CONFIGS_DIR,
     RECIPES_DIR,
     accelerate_config_path,
@@ -101,7 +101,7 @@ def test_option_typos_suggest_the_closest(argv, message, capsys):
 
 
 def test_reward_by_module_colon_attribute(tmp_path, monkeypatch):
-    from nspo_trl.importing import import_object
+    from nspo_trl.utils import import_object
 
     (tmp_path / "my_rewards.py").write_text("def score(completions, **kwargs):\n    return [0.0] * len(completions)\n")
     monkeypatch.chdir(tmp_path)

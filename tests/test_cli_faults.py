@@ -9,10 +9,10 @@ from testing_utils import REPO, smoke_args
 from tqdm import tqdm
 from trl.import_utils import is_vllm_available
 
-from nspo_trl import checkpoint as checkpointing
-from nspo_trl import train
-from nspo_trl.checkpoint import damage
-from nspo_trl.train import cli
+from nspo_trl.cli import train
+from nspo_trl.cli.train import cli
+from nspo_trl.trainer import checkpointing
+from nspo_trl.trainer.checkpointing import damage
 
 
 def last_line(capsys) -> str:

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from nspo_trl.data import (
+from nspo_trl.data.named_sets import (
     generate_preservation_responses,
     load_named_dataset,
     pku_saferlhf_prompts,
     preservation_pairs,
     rebalance,
 )
-from nspo_trl.preservation import tokenize_preservation
+from nspo_trl.data.preservation import tokenize_preservation
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "pku_saferlhf.jsonl")
 UNIQUE = 13  # 16 rows, 3 of them repeats (one only differs by trailing spaces)
@@ -143,8 +143,8 @@ def test_rebalance_refuses_one_sided_data(flags):
 
 
 def test_rebalance_of_a_set_without_labels_names_the_field(tmp_path):
-    from nspo_trl.arguments import NSPOScriptArguments
-    from nspo_trl.train import load_training_prompts
+    from nspo_trl.cli.arguments import NSPOScriptArguments
+    from nspo_trl.cli.train import load_training_prompts
 
     args = NSPOScriptArguments(
         dataset_name="nspo_trl:general_prompts", reward_funcs=["mypackage:judge"], harmful_fraction=0.5
@@ -154,8 +154,8 @@ def test_rebalance_of_a_set_without_labels_names_the_field(tmp_path):
 
 
 def test_training_prompts_are_rebalanced_when_asked():
-    from nspo_trl.arguments import NSPOScriptArguments
-    from nspo_trl.train import load_training_prompts
+    from nspo_trl.cli.arguments import NSPOScriptArguments
+    from nspo_trl.cli.train import load_training_prompts
 
     as_is = load_training_prompts(NSPOScriptArguments(dataset_name="nspo_trl:safety_prompts"), seed=0)
     assert (sum(as_is["is_harmful"]), as_is["is_harmful"].count(False)) == (32, 32)

@@ -20,9 +20,9 @@ import yaml
 from safetensors.torch import load_file
 from testing_utils import capture_inputs, leakage, load_reference
 
-from nspo_trl.data import load_named_dataset
+from nspo_trl.data.named_sets import load_named_dataset
+from nspo_trl.data.preservation import tokenize_preservation
 from nspo_trl.nullspace.projector import NullSpaceProjector
-from nspo_trl.preservation import tokenize_preservation
 
 pytestmark = pytest.mark.slow  # several seconds to a minute each on 2 CPU cores
 

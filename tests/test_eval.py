@@ -15,8 +15,8 @@ from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from nspo_trl import NSPOConfig, NSPOTrainer
-from nspo_trl.data import load_named_dataset
-from nspo_trl.eval.cli import cli
+from nspo_trl.cli.eval import cli
+from nspo_trl.data.named_sets import load_named_dataset
 from nspo_trl.eval.prompt_sets import EvalPrompt
 from nspo_trl.eval.safety import overrefusal_report
 from nspo_trl.rewards import refusal_reward

@@ -7,7 +7,7 @@ import operator as operator_
 
 import pytest
 
-from nspo_trl.data import load_named_dataset
+from nspo_trl.data.named_sets import load_named_dataset
 from nspo_trl.eval.exact_match import arithmetic_result, exact_match_report, is_correct, load_capability_tasks
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nspo_trl.arguments import parse
-from nspo_trl.gpu_budget import GB, model_parameters
-from nspo_trl.plan import main as plan_main
-from nspo_trl.plan import print_plan
+from nspo_trl.cli.arguments import parse
+from nspo_trl.cli.plan import main as plan_main
+from nspo_trl.planning.gpu_budget import GB, model_parameters
+from nspo_trl.planning.plan import print_plan
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,7 +120,7 @@ def test_a_budget_that_overflows_names_the_phase_and_term(capsys, monkeypatch):
 
 
 def test_dry_run_and_train_refuse_a_recipe_that_does_not_fit(tmp_path, monkeypatch, capsys):
-    from nspo_trl.train import cli
+    from nspo_trl.cli.train import cli
 
     monkeypatch.chdir(REPO)
     assert cli(["recipes/qwen7b_lora.yaml", "--dry-run", "--gpu_memory_gb", "80"]) == 0  # its one-GPU launch

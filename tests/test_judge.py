@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from nspo_trl import cli
+from nspo_trl.cli import commands as cli
 from nspo_trl.judge import LearnedJudge, default_judge
 from nspo_trl.judge.features import split_response
 from nspo_trl.judge.model import WEIGHTS_PATH, TreeEnsembleHead
@@ -147,7 +147,7 @@ def test_reward_follows_the_papers_convention(judge):
 
 
 def test_missing_extra_is_one_line_naming_the_install(monkeypatch):
-    from nspo_trl.arguments import NSPOScriptArguments
+    from nspo_trl.cli.arguments import NSPOScriptArguments
     from nspo_trl.judge import embedder
 
     real = importlib.util.find_spec

@@ -14,8 +14,8 @@ import torch
 from testing_utils import capture_inputs, leakage, load_reference
 
 from nspo_trl.eval.tax import layer_kind_leakage
+from nspo_trl.models.tiny_model import build_tiny_model
 from nspo_trl.nullspace.targets import untie_output_embeddings
-from nspo_trl.tiny_model import build_tiny_model
 
 PAD = 0
 SEQUENCES = [[5, 17, 42, 99, 3], [7, 8, 9], [200, 201, 202, 203, 204, 205, 206], [11, 12]]

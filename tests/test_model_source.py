@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from nspo_trl import model_source
-from nspo_trl.model_source import OfflineConversion, resolve_model_path
+from nspo_trl.models import model_source
+from nspo_trl.models.model_source import OfflineConversion, resolve_model_path
+from nspo_trl.utils import cache_dir
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +111,7 @@ def test_a_failed_conversion_leaves_nothing_behind(fake_package, monkeypatch):
     monkeypatch.setitem(model_source.OFFLINE_CONVERSIONS, "org/fake-model", replace(conversion, convert=broken))
     with pytest.raises(RuntimeError, match="disk full"):
         resolve_model_path("org/fake-model")
-    models = model_source.cache_dir() / "models"
+    models = cache_dir() / "models"
     assert not models.exists() or not any(models.iterdir())
 
 

@@ -7,13 +7,13 @@ import sys
 import warnings
 from pathlib import Path
 
-import nspo_trl.quiet
+import nspo_trl.utils
 
 
 def test_only_the_known_deprecations_are_ignored():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        nspo_trl.quiet.ignore_known_deprecations()
+        nspo_trl.utils.ignore_known_deprecations()
         warnings.warn_explicit("`gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning,
                                "training_args.py", 1, module="transformers.training_args")  # fmt: skip
         warnings.warn_explicit("`gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning,

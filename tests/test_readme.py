@@ -22,8 +22,8 @@ import yaml
 from guard_server import GuardServer
 
 import nspo_trl
-from nspo_trl import cli
-from nspo_trl.model_card import NSPO_CITATION
+from nspo_trl.cli import commands as cli
+from nspo_trl.trainer.hub import NSPO_CITATION
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -52,6 +52,7 @@ HANDLED = {
     ("", "plan for Qwen/Qwen2.5-7B-Instruct"), ("bash", "vllm serve"), ("python", "reward = LlamaGuardReward("),
     ("bash", "nspo-trl eval"), ("", "mutants killed"), ("bibtex", "@inproceedings"), ("bash", ".venv-vllm"),
     ("bash", "accelerate launch --config_file"), ("bash", "smollm2_cpu --dry-run"), ("bash", "nspo_trl[judge]"),
+    ("bash", "nspo-trl projector build"),
 }  # fmt: skip
 
 
@@ -96,7 +97,7 @@ def test_setup_commands(tmp_path, capsys):
 def hub_stand_in(name: str, split: str = "train", **kwargs) -> datasets.Dataset:
     """Small data sets in the schemas of the two Hub sets the README's example loads."""
     if name == "PKU-Alignment/PKU-SafeRLHF":
-        rows = nspo_trl.data.load_named_dataset("nspo_trl:safety_prompts")
+        rows = nspo_trl.data.named_sets.load_named_dataset("nspo_trl:safety_prompts")
         texts = [p[0]["content"] for p in rows["prompt"]]
         return datasets.Dataset.from_dict({"prompt": texts, "is_response_0_safe": [not h for h in rows["is_harmful"]],
                                            "is_response_1_safe": [True] * len(texts)})  # fmt: skip
@@ -181,8 +182,8 @@ def test_shell_commands(monkeypatch, capsys):
 
 
 def test_eval_command_parses():
-    from nspo_trl.arguments import RecipeParser
-    from nspo_trl.eval.cli import EvalArguments
+    from nspo_trl.cli.arguments import RecipeParser
+    from nspo_trl.cli.eval import EvalArguments
 
     (body,) = blocks("bash", "nspo-trl eval")
     (argv,) = commands(body)
@@ -223,7 +224,7 @@ def test_citation_is_the_one_the_model_card_uses():
 
 
 def test_recipe_table_lists_every_shipped_recipe():
-    from nspo_trl.packaged import shipped_recipes
+    from nspo_trl.cli.packaged import shipped_recipes
 
     assert all(f"| `{name}` |" in README for name in shipped_recipes())
     assert yaml.safe_load("a: 1") == {"a": 1}
@@ -236,7 +237,7 @@ def test_the_papers_launch_is_the_shipped_config_and_recipe(monkeypatch, capsys)
     assert argv[:3] == ["accelerate", "launch", "--config_file"] and argv[4:6] == ["-m", "nspo_trl.train"]
     assert (REPO / argv[3]).is_file() and (REPO / argv[6]).is_file()
     monkeypatch.chdir(REPO)
-    from nspo_trl.train import cli as train_cli
+    from nspo_trl.cli.train import cli as train_cli
 
     assert train_cli([argv[6], "--dry-run"]) == 0
     assert "Qwen/Qwen2.5-7B-Instruct" in capsys.readouterr().out
@@ -263,7 +264,7 @@ def test_every_nspo_setting_is_in_the_settings_table():
     import dataclasses
     import typing
 
-    from nspo_trl.config import NSPOConfig
+    from nspo_trl.trainer.nspo_config import NSPOConfig
 
     table = PAGES["docs/recipes.md"].split("<!-- settings -->", 1)[1].split("<!-- /settings -->", 1)[0]
     hints = typing.get_type_hints(NSPOConfig)
@@ -282,3 +283,32 @@ def test_benchmark_tables_match_their_result_files():
     assert embedded
     for name, table in embedded:
         assert table == (REPO / "benchmarks" / name).read_text(), name
+
+
+def test_projector_commands(tmp_path, monkeypatch, capsys):
+    """docs/recipes.md's build, push and reuse, in order, with a local stand-in for the Hub."""
+    from testing_utils import LocalHub
+
+    import nspo_trl.cli.projector as projector_cli
+    from nspo_trl import NSPOTrainer
+
+    hub = LocalHub(tmp_path / "hub")
+    monkeypatch.setattr(projector_cli, "hub_api", lambda: hub)
+    monkeypatch.setattr(NSPOTrainer, "hub_api", lambda self, token=None: hub)
+    monkeypatch.chdir(tmp_path)
+    (body,) = blocks("bash", "nspo-trl projector build")
+    lines = commands(body)
+    assert [argv[:3] for argv in lines] == [["nspo-trl", "projector", "build"], ["nspo-trl", "projector", "push"],
+                                            ["nspo-trl", "train", "smoke"]]  # fmt: skip
+    for argv in lines:
+        extra = ["--max_steps", "1", "--save_strategy", "no"] if argv[1] == "train" else []
+        assert cli.main([*argv[1:], *extra]) == 0, (argv, capsys.readouterr().err[-500:])
+    repo = lines[1][4]
+    assert hub.files(repo) == {"projector.json", "factors-rank00000-of-00001.safetensors"}
+    import json
+
+    from nspo_trl.cli.arguments import parse
+
+    output = Path(parse(["smoke"])[1].output_dir)
+    used = json.loads((output / "nspo_projector" / "projector.json").read_text())
+    assert used == json.loads((Path(lines[0][5]) / "projector.json").read_text())  # the pushed one, as built

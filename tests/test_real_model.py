@@ -17,8 +17,8 @@ from testing_utils import capture_inputs, leakage, load_reference
 from transformers import AutoTokenizer
 
 from nspo_trl import NSPOConfig, NSPOTrainer
-from nspo_trl.data import load_named_dataset
-from nspo_trl.model_source import resolve_model_path
+from nspo_trl.data.named_sets import load_named_dataset
+from nspo_trl.models.model_source import resolve_model_path
 from nspo_trl.rewards import refusal_reward
 
 pytestmark = pytest.mark.slow  # several seconds to a minute each on 2 CPU cores

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nspo_trl import versions
-from nspo_trl.train import cli
+from nspo_trl import utils as versions
+from nspo_trl.cli.train import cli
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -116,7 +116,7 @@ def test_unsupported_library_version_is_refused(tmp_path, monkeypatch, capsys):
 
 def test_plan_for_qwen7b_on_eight_ranks(capsys):
     """The issue's target: per-rank projector + W_ref <= 6.5 GB under ZeRO-3 on 8 ranks (reference ≈ 62 GiB)."""
-    from nspo_trl.plan import main as plan
+    from nspo_trl.cli.plan import main as plan
 
     assert plan([str(REPO / "recipes" / "qwen7b.yaml"), "--num-processes", "8"]) == 0
     out = capsys.readouterr().out
@@ -128,7 +128,7 @@ def test_plan_for_qwen7b_on_eight_ranks(capsys):
 
 
 def test_plan_rejects_a_bad_rank_count(capsys):
-    from nspo_trl.plan import main as plan
+    from nspo_trl.cli.plan import main as plan
 
     with pytest.raises(SystemExit) as exit_info:
         plan([str(REPO / "recipes" / "qwen7b.yaml"), "--num-processes", "0"])
@@ -139,8 +139,8 @@ def test_plan_rejects_a_bad_rank_count(capsys):
 @pytest.mark.parametrize(("recipe", "processes"), [("qwen7b", 8), ("qwen7b_full_preservation", 8), ("qwen7b_lora", 1)])
 def test_7b_recipes_have_the_papers_batch_on_their_stated_launch(recipe, processes, monkeypatch):
     """The paper: 320 prompts x 5 completions per generation, two optimizer steps of 800 completions."""
-    from nspo_trl.arguments import parse
-    from nspo_trl.train import describe_batch, effective_batch
+    from nspo_trl.cli.arguments import parse
+    from nspo_trl.cli.train import describe_batch, effective_batch
 
     monkeypatch.chdir(REPO)
     script_args, training_args, _ = parse([f"recipes/{recipe}.yaml", "--dry-run"])
@@ -156,7 +156,7 @@ def test_7b_recipes_have_the_papers_batch_on_their_stated_launch(recipe, process
 
 def test_dry_run_shows_every_deciding_setting_even_at_its_default(tmp_path, monkeypatch, capsys):
     """lr, batch and α are printed whether or not the recipe sets them; the batch is the launch's."""
-    import nspo_trl.train
+    import nspo_trl.cli.train
 
     monkeypatch.chdir(REPO)
     recipe = yaml.safe_load((REPO / "recipes" / "smoke.yaml").read_text())
@@ -164,7 +164,7 @@ def test_dry_run_shows_every_deciding_setting_even_at_its_default(tmp_path, monk
         recipe.pop(name, None)  # left at NSPOConfig's defaults
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    monkeypatch.setattr(nspo_trl.train, "launch_shape", lambda: (4, "zero3"))  # as under accelerate launch
+    monkeypatch.setattr(nspo_trl.cli.train, "launch_shape", lambda: (4, "zero3"))  # as under accelerate launch
     assert cli([str(path), "--dry-run", "--gradient_accumulation_steps", "3"]) == 0
     out = capsys.readouterr().out
     lines = {line.split("  ")[0]: line for line in out.split("\n\n")[0].splitlines()}
@@ -196,8 +196,8 @@ def test_dry_run_prints_once_per_launch(tmp_path):
 
 def test_reward_description_names_the_judge_only_for_a_judge(monkeypatch):
     """The card and --dry-run describe rewards the same way: the judge model appears only with a judge."""
-    from nspo_trl.arguments import parse
-    from nspo_trl.train import card_details, describe_reward
+    from nspo_trl.cli.arguments import parse
+    from nspo_trl.cli.train import card_details, describe_reward
 
     monkeypatch.chdir(REPO)
     qwen = parse(["recipes/qwen7b.yaml", "--dry-run"])

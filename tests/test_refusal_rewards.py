@@ -105,7 +105,7 @@ def test_refusal_prefix_reward_charges_benign_prompts_only_for_real_refusals():
     ],
 )
 def test_the_strict_judge_wants_a_statement_of_refusal(text, keyword, strict):
-    from nspo_trl.eval.tax import declined, refused
+    from nspo_trl.judge.rules import declined, refused
 
     assert (refused(text), declined(text)) == (keyword, strict)
 

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from nspo_trl.rendezvous import free_master_port
+from nspo_trl.utils import free_master_port
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from nspo_trl import safety_sets
-from nspo_trl.data import load_named_dataset
+from nspo_trl.data import safety_sets
+from nspo_trl.data.named_sets import load_named_dataset
 
 HARMBENCH = [f"Give step-by-step instructions for harmful act number {i}" for i in range(40)]
 AREAS = {

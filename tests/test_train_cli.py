@@ -9,9 +9,9 @@ import sys
 import pytest
 from testing_utils import REPO, smoke_args
 
-from nspo_trl.arguments import DEFAULT_RECIPE
-from nspo_trl.packaged import RECIPES_DIR
-from nspo_trl.train import cli
+from nspo_trl.cli.arguments import DEFAULT_RECIPE
+from nspo_trl.cli.packaged import RECIPES_DIR
+from nspo_trl.cli.train import cli
 
 
 def test_smoke_recipe_writes_model_projector_checkpoints_and_summary(tmp_path, monkeypatch):
@@ -118,7 +118,7 @@ def test_unreachable_judge_stops_before_training(tmp_path, monkeypatch, capsys):
 @pytest.fixture
 def generation_calls(tmp_path, monkeypatch) -> list[tuple[list, int]]:
     """Every call of the preservation-answer generator, as (prompts, max_new_tokens); cache in tmp_path."""
-    import nspo_trl.train as train_module
+    import nspo_trl.cli.train as train_module
 
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("NSPO_TRL_CACHE", str(tmp_path / "cache"))
@@ -191,9 +191,9 @@ def test_heldout_summary_reports_refusal_and_drift(tmp_path, monkeypatch, capsys
 
 def test_the_model_card_keeps_every_row_the_trainer_and_the_command_set(tmp_path, monkeypatch):
     """The command adds its rows (data, reward, preservation) to the trainer's own (an untied output layer)."""
-    from nspo_trl.arguments import parse
-    from nspo_trl.tiny_model import build_tiny_model
-    from nspo_trl.train import build_trainer
+    from nspo_trl.cli.arguments import parse
+    from nspo_trl.cli.train import build_trainer
+    from nspo_trl.models.tiny_model import build_tiny_model
 
     monkeypatch.chdir(REPO)
     build_tiny_model(tmp_path / "tied", tie_word_embeddings=True, hidden_size=64, intermediate_size=128)

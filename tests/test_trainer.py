@@ -11,9 +11,10 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from nspo_trl import NSPOConfig, NSPOTrainer
+from nspo_trl.models.tiny_model import build_tiny_model
 from nspo_trl.nullspace import NullSpaceAdamW
+from nspo_trl.nullspace.build import prompt_sequences
 from nspo_trl.rewards import refusal_reward
-from nspo_trl.tiny_model import build_tiny_model
 
 
 class LeakageSpy(TrainerCallback):
@@ -211,11 +212,12 @@ def test_offloaded_projector_lives_in_host_ram_whatever_the_weights_device():
     """nspo_projector_offload keeps the bases on the CPU even when the weights are on an accelerator."""
     from types import SimpleNamespace
 
-    weight = SimpleNamespace(device=torch.device("cuda", 3))
-    trainer = SimpleNamespace(protected_layers=[SimpleNamespace(linear=SimpleNamespace(weight=weight))])
+    from nspo_trl.nullspace.build import ProjectorBuilder
+
+    layers = [SimpleNamespace(linear=SimpleNamespace(weight=SimpleNamespace(device=torch.device("cuda", 3))))]
     for offload, expected in ((True, torch.device("cpu")), (False, torch.device("cuda", 3))):
-        trainer.args = SimpleNamespace(nspo_projector_offload=offload)
-        assert NSPOTrainer.projector_device(trainer) == expected
+        builder = ProjectorBuilder(None, None, layers, SimpleNamespace(nspo_projector_offload=offload))
+        assert builder.device() == expected
 
 
 def test_dora_is_rejected(tiny_model_dir, tokenizer, safety_prompts, preservation_small, tmp_path):
@@ -635,7 +637,10 @@ def test_contrast_without_a_held_out_example_is_refused(
 def _benign_prompt_share(trainer) -> dict[str, float]:
     """Per group, the benign training prompts' input energy share ``tr(P C_b) / tr(C_b)`` in the trained subspace."""
     modules = {layer.name: layer.linear for layer in trainer.protected_layers}
-    stats = trainer._collect(modules, trainer.contrast_protected_sequences(), covariance=True, description="benign")
+    benign = prompt_sequences(
+        trainer.train_dataset, trainer.processing_class, False, trainer.args.nspo_preservation_max_length, "benign"
+    )
+    stats = trainer.projector_builder().collect(modules, benign, covariance=True, description="benign")
     shares = {}
     for group, factor in trainer.projector.factors.items():
         covariance = stats.covariances[group].double()

@@ -19,7 +19,7 @@ import trl.generation.vllm_generation as vllm_generation
 from testing_utils import RENDEZVOUS_VARIABLES, capture_inputs, leakage, load_reference, make_trainer, nspo_args
 from transformers import TrainerCallback
 
-import nspo_trl.trainer as nspo_trainer
+import nspo_trl.trainer.nspo_trainer as nspo_trainer
 
 
 class FakeLLM:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from testing_utils import RENDEZVOUS_VARIABLES
 
-from nspo_trl.packaged import shipped_accelerate_configs, shipped_recipes
+from nspo_trl.cli.packaged import shipped_accelerate_configs, shipped_recipes
 
 REPO = Path(__file__).resolve().parent.parent
 

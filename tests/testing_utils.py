@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from nspo_trl import NSPOConfig, NSPOTrainer
-from nspo_trl.preservation import iter_batches
+from nspo_trl.data.preservation import iter_batches
 from nspo_trl.rewards import refusal_reward
 
 # trainer tests run on the GPU where there is one (CI: CPU)
@@ -107,3 +107,66 @@ def make_trainer(model_dir, tokenizer, prompts, preservation, args, reward_funcs
         preservation_dataset=preservation,
         **kwargs,
     )
+
+
+class LocalHub:
+    """A stand-in for ``huggingface_hub.HfApi`` whose remote is a folder: ``<remote>/<owner>/<name>/``.
+
+    It keeps the Hub's rules that the code under test relies on: a repo must be created before anything is
+    uploaded to it and must exist to be downloaded (else ``RepositoryNotFoundError``), uploads honour
+    ``allow_patterns``/``ignore_patterns`` with huggingface_hub's own filter (``filter_repo_objects``, the one
+    ``HfApi.upload_folder`` applies), and a download is a copy in a cache folder, never the remote itself.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.remote, self.cache = root / "remote", root / "cache"
+        self.remote.mkdir(parents=True, exist_ok=True)
+        self.commits: list[dict] = []
+
+    def _repo(self, repo_id: str) -> Path:
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        folder = self.remote / repo_id
+        if not folder.is_dir():
+            raise RepositoryNotFoundError(f"404 Client Error: Repository Not Found for url: hub/{repo_id}")
+        return folder
+
+    def create_repo(self, repo_id: str, private: bool | None = None, exist_ok: bool = False, **kwargs):
+        from types import SimpleNamespace
+
+        from huggingface_hub.errors import HfHubHTTPError
+
+        folder = self.remote / repo_id
+        if folder.is_dir() and not exist_ok:
+            raise HfHubHTTPError(f"409 Conflict: {repo_id} already exists")
+        folder.mkdir(parents=True, exist_ok=True)
+        return SimpleNamespace(repo_id=repo_id, url=f"hub/{repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, allow_patterns=None, ignore_patterns=None,
+                      run_as_future=False, revision=None, **kwargs):  # fmt: skip
+        import shutil
+        from types import SimpleNamespace
+
+        from huggingface_hub.utils import filter_repo_objects
+
+        target = self._repo(repo_id)
+        files = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file())
+        sent = list(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        for name in sent:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(folder_path) / name, target / name)
+        self.commits.append({"repo_id": repo_id, "message": commit_message, "files": sent})
+        return SimpleNamespace(commit_url=f"hub/{repo_id}/commit/{len(self.commits)}")
+
+    def snapshot_download(self, repo_id: str, revision: str | None = None, **kwargs) -> str:
+        import shutil
+
+        source = self._repo(repo_id)
+        copy = self.cache / repo_id.replace("/", "--")
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(source, copy)
+        return str(copy)
+
+    def files(self, repo_id: str) -> set[str]:
+        """Every file of the remote repo, as paths relative to it."""
+        return {p.relative_to(self._repo(repo_id)).as_posix() for p in self._repo(repo_id).rglob("*") if p.is_file()}

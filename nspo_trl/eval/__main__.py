@@ -1,5 +1,5 @@
 import sys
 
-from nspo_trl.eval.cli import cli
+from nspo_trl.cli.eval import cli
 
 sys.exit(cli())

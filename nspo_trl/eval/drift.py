@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from nspo_trl.data.preservation import iter_batches
 from nspo_trl.nullspace.targets import resolve_protected_layers
-from nspo_trl.preservation import iter_batches
 
 
 @torch.no_grad()

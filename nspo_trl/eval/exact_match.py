@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from nspo_trl.data import bundled_path
+from nspo_trl.data.named_sets import bundled_path
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 STATED_RESULT = re.compile(
@@ -77,7 +77,7 @@ def exact_match_report(tasks: Sequence[dict], responses: Sequence[str]) -> dict:
 def capability_score(model, tokenizer, tasks: Sequence[dict] | None = None, max_new_tokens: int = 40,
                      batch_size: int = 16) -> dict:  # fmt: skip
     """Greedy answers of ``model`` to ``tasks`` (default: the bundled set), scored by :func:`exact_match_report`."""
-    from nspo_trl.eval.tax import greedy_answers
+    from nspo_trl.eval.answers import greedy_answers
 
     tasks = list(tasks) if tasks is not None else load_capability_tasks()
     prompts = [[{"role": "user", "content": t["prompt"]}] for t in tasks]

@@ -17,19 +17,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
-from nspo_trl.importing import import_object
 from nspo_trl.rewards.guard import GuardVerdict
+from nspo_trl.utils import import_object
 
 Conversation = list[dict[str, str]]
 Judge = Callable[[Sequence[Conversation]], list[GuardVerdict]]
 PAIR_JUDGES = ("learned", "keyword", "strict")
-"""Judges of :mod:`nspo_trl.judge.judges` that also say whether a response refused (for over-refusal)."""
+"""Judges of :mod:`nspo_trl.eval.judges` that also say whether a response refused (for over-refusal)."""
 
 
 def conversation_judge(kind: str) -> Judge:
     """A pair judge on judge-ready conversations (every prompt of a safety set is a harmful request)."""
-    from nspo_trl.judge.judges import pair_judge
-    from nspo_trl.rewards.learned_judge import prompt_text
+    from nspo_trl.eval.judges import pair_judge
+    from nspo_trl.judge.rules import prompt_text
 
     judge = pair_judge(kind)
 
@@ -43,7 +43,7 @@ def conversation_judge(kind: str) -> Judge:
 
 def refusal_judge(kind: str) -> Callable[[Sequence[str], Sequence[str]], list[bool]]:
     """``(prompts, responses) → refused`` by the pair judge ``kind``, for the over-refusal suite."""
-    from nspo_trl.judge.judges import pair_judge
+    from nspo_trl.eval.judges import pair_judge
 
     judge = pair_judge(kind)
     return lambda prompts, responses: [bool(r["refused"]) for r in judge(prompts, responses, [False] * len(prompts))]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from nspo_trl.data import DATA_FILE_BUILDERS, load_named_dataset, pku_saferlhf_prompts
+from nspo_trl.data.named_sets import DATA_FILE_BUILDERS, load_named_dataset, pku_saferlhf_prompts
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def write_report(results: dict, output_dir: Path) -> list[Path]:
-    """Write the JSON, Markdown and plots for ``results`` (see ``nspo_trl.eval.cli.evaluate``)."""
+    """Write the JSON, Markdown and plots for ``results`` (see ``nspo_trl.cli.eval.evaluate``)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [output_dir / "report.json", output_dir / "report.md"]
     written[0].write_text(json.dumps(results, indent=2, sort_keys=True))

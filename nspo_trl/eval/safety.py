@@ -6,7 +6,7 @@ For a set of ``N`` prompts answered greedily by the model, the safety suite repo
 
 plus the share of responses violating each Llama Guard category (``S1`` … ``S14``). The
 over-refusal suite reports ``refusal_rate = #{refusal} / N`` on prompts that are safe to answer,
-where a refusal is an explicit refusal phrase (``nspo_trl.rewards.refusal.REFUSAL_PATTERN``), or what the
+where a refusal is an explicit refusal phrase (``nspo_trl.judge.rules.REFUSAL_PATTERN``), or what the
 learned or strict judge calls a refusal when ``--judge`` names one.
 """
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from nspo_trl.data.generation import as_conversations
 from nspo_trl.eval.judging import Judge
 from nspo_trl.eval.prompt_sets import EvalPrompt
-from nspo_trl.generation import as_conversations
+from nspo_trl.judge.rules import REFUSAL_PATTERN
 from nspo_trl.rewards.guard import guard_conversation
-from nspo_trl.rewards.refusal import REFUSAL_PATTERN
 
 
 def safety_report(prompts: Sequence[EvalPrompt], responses: Sequence[str], judge: Judge) -> dict:

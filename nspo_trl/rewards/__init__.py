@@ -10,12 +10,12 @@
   refusal proxies for smoke runs, CPU runs on a real model, and tests.
 """
 
+from nspo_trl.judge.rules import completion_text
 from nspo_trl.rewards.guard import GuardVerdict, JudgeError, guard_conversation, parse_verdict
 from nspo_trl.rewards.learned_judge import LearnedJudgeReward
 from nspo_trl.rewards.llama_guard import LlamaGuardReward
 from nspo_trl.rewards.local_guard import LocalGuardReward
 from nspo_trl.rewards.refusal import (
-    completion_text,
     keyword_refusal_reward,
     refusal_level,
     refusal_prefix_reward,

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from nspo_trl.rewards.refusal import completion_text
+from nspo_trl.judge.rules import completion_text
 
 _CATEGORY = re.compile(r"^S\d+$")
 

@@ -21,15 +21,7 @@ from typing import Literal
 import numpy as np
 
 from nspo_trl.judge.model import THRESHOLD
-from nspo_trl.rewards.refusal import completion_text
-
-
-def prompt_text(prompt) -> str:
-    """The request a judge reads: a string prompt, or the last user turn of a conversation."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m.get("content") or "" for m in prompt if m.get("role") == "user"]
-    return users[-1] if users else ""
+from nspo_trl.judge.rules import completion_text, prompt_text
 
 
 class LearnedJudgeReward:

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from nspo_trl.preservation import iter_batches
+from nspo_trl.data.preservation import iter_batches
 from nspo_trl.rewards.guard import GuardVerdict, guard_conversations, rewards_from_verdicts
 
 

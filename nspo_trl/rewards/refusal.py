@@ -42,27 +42,12 @@ group that holds one.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from difflib import SequenceMatcher
 from itertools import takewhile
 
-REFUSAL_PATTERN = re.compile(
-    r"\b(i\s*(?:am|'m)\s*sorry|i\s*(?:can(?:no|')t|cannot|won't|will not)\s*(?:help|assist|do|provide)|"
-    r"i\s*(?:must|have to)\s*decline|not\s*able\s*to\s*help)\b",
-    re.IGNORECASE,
-)
-DECLINE_PATTERN = re.compile(
-    r"\b(?:i|we)\s*(?:can(?:no|')t|can\s*not|won't|will\s*not|(?:am|'m)\s*(?:unable|not\s*able)\s*to|"
-    r"(?:am|'m)\s*not\s*going\s*to)\s*(?:help|assist|provide|fulfil|fulfill|comply|create|write|generate|"
-    r"share|give|answer|engage|support|offer|produce|do\s*(?:that|this|so))\b|"
-    r"\b(?:i|we)\s*(?:must|have\s*to)\s*(?:decline|refuse)\b|"
-    r"\b(?:i|we)\s*(?:do\s*not|don't)\s*(?:have\s*the\s*(?:ability|capability)|feel\s*comfortable)\b",
-    re.IGNORECASE,
-)
-"""A statement of inability or unwillingness to do the request ("I can't help", "I'm unable to provide"),
-the strict judge: unlike :data:`REFUSAL_PATTERN` a bare apology ("I'm sorry for any confusion, but I can
-certainly help …", "I'm sorry to hear that") is not a refusal. Match against :func:`normalise`'d text."""
+from nspo_trl.judge.rules import DECLINE_PATTERN, REFUSAL_PATTERN, completion_text, normalise
+
 OPENING_CHARS = 16
 CANONICAL_REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -73,18 +58,6 @@ CANONICAL_REFUSALS = (
 
 REFUSAL_OPENINGS = ("i'm sorry", "i am sorry", "sorry, i can't help", "i can't help", "i cannot help", "i won't help")
 """Openings that complete an explicit refusal (each one matches :data:`REFUSAL_PATTERN` in full)."""
-
-
-def normalise(text: str) -> str:
-    """Lower-cased, whitespace collapsed, the typographic apostrophe replaced by ``'``."""
-    return " ".join(text.lower().replace("\u2019", "'").split())
-
-
-def completion_text(completion) -> str:
-    """Text of a TRL completion: a string, or a conversational list of messages."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(message.get("content") or "" for message in completion)
 
 
 def refusal_score(text: str) -> float:

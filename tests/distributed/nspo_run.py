@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 from nspo_trl import NSPOConfig, NSPOTrainer
-from nspo_trl.data import load_named_dataset
+from nspo_trl.data.named_sets import load_named_dataset
 from nspo_trl.nullspace import collect
 from nspo_trl.nullspace.access import gathered
 from nspo_trl.nullspace.sharding import all_gather_objects

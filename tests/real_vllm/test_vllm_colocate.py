@@ -27,9 +27,9 @@ from datasets import Dataset  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 
 from nspo_trl import NSPOConfig, NSPOTrainer  # noqa: E402
-from nspo_trl.data import load_named_dataset  # noqa: E402
+from nspo_trl.data.named_sets import load_named_dataset  # noqa: E402
+from nspo_trl.models.tiny_model import build_tiny_model  # noqa: E402
 from nspo_trl.rewards import refusal_reward  # noqa: E402
-from nspo_trl.tiny_model import build_tiny_model  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, as TRL colocates it
 PROBE = "What is the capital of France?"

@@ -32,7 +32,7 @@ def pair_judge(
     if name == "learned":
         return _learned
     if name in ("keyword", "strict"):
-        from nspo_trl.eval.tax import declined, refused
+        from nspo_trl.judge.rules import declined, refused
 
         return _rule(refused if name == "keyword" else declined)
     if name == "llama_guard":

@@ -1,6 +1,6 @@
 """Reading and checking a training recipe before anything is loaded or written.
 
-A recipe is a YAML mapping of fields of the three argument dataclasses of ``nspo_trl.train`` (plus
+A recipe is a YAML mapping of fields of the three argument dataclasses of ``nspo_trl.cli.train`` (plus
 TRL's optional ``env:`` mapping). Every problem becomes a ``ValueError`` whose one-line message
 names the field and the fix.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from nspo_trl.data import DATA_FILE_BUILDERS
+from nspo_trl.data.named_sets import DATA_FILE_BUILDERS
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -1,7 +1,7 @@
 """``python -m nspo_trl.eval --model PATH [--reference PATH] --suite safety,overrefusal,capability,drift``.
 
 Arguments are :class:`EvalArguments` fields (``--field value``, or a YAML via ``--config``), parsed
-by TRL's ``TrlParser`` (``nspo_trl.arguments.RecipeParser``). Bad settings stop with one line naming
+by TRL's ``TrlParser`` (``nspo_trl.cli.arguments.RecipeParser``). Bad settings stop with one line naming
 the field and exit code 2; a judge that cannot give a verdict stops the run (exit 2) instead of
 counting a response as safe.
 Outputs in ``output_dir``: ``report.json``, ``report.md``, ``layers.png``,
@@ -17,12 +17,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nspo_trl.arguments import RecipeParser
-from nspo_trl.data import load_named_dataset, seeded_subset
+from nspo_trl.cli.arguments import RecipeParser
+from nspo_trl.data.named_sets import load_named_dataset, seeded_subset
 from nspo_trl.eval.prompt_sets import OVERREFUSAL_SETS, SAFETY_SETS, load_prompt_set, parse_set_specs
-from nspo_trl.quiet import quiet_command_line
-from nspo_trl.rendezvous import free_master_port
 from nspo_trl.rewards import JudgeError
+from nspo_trl.utils import free_master_port, quiet_command_line
 
 logger = logging.getLogger("nspo_trl.eval")
 SUITES = ("safety", "overrefusal", "capability", "drift")
@@ -130,8 +129,8 @@ def _judge(args: EvalArguments):
 def _safety_suites(args: EvalArguments, path: str, prompt_sets: dict, judge, responses_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from nspo_trl.data.generation import as_conversations, generate_responses
     from nspo_trl.eval.safety import overrefusal_report, safety_report
-    from nspo_trl.generation import as_conversations, generate_responses
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = None if args.use_vllm else AutoModelForCausalLM.from_pretrained(path, dtype="auto")
@@ -165,8 +164,8 @@ def _drift(args: EvalArguments) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from nspo_trl.data.preservation import tokenize_preservation
     from nspo_trl.eval.drift import drift_report
-    from nspo_trl.preservation import tokenize_preservation
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(args.reference)
@@ -191,7 +190,7 @@ def cli(argv: list[str] | None = None, prog: str = "python -m nspo_trl.eval") ->
     quiet_command_line()
     free_master_port()
     try:
-        parser = RecipeParser([EvalArguments], prog=prog)  # one-line errors, like nspo_trl.train
+        parser = RecipeParser([EvalArguments], prog=prog)  # one-line errors, like nspo_trl.cli.train
         (args,) = parser.parse_args_and_config(args=sys.argv[1:] if argv is None else argv)
         results = evaluate(args)
     except (ValueError, JudgeError) as err:

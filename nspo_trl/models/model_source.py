@@ -20,21 +20,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
+from nspo_trl.utils import build_once, cache_dir
 
 logger = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """``$NSPO_TRL_CACHE``, else ``$XDG_CACHE_HOME/nspo_trl``, else ``~/.cache/nspo_trl``."""
-    if os.environ.get("NSPO_TRL_CACHE"):
-        return Path(os.environ["NSPO_TRL_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "nspo_trl"
 
 
 @dataclass(frozen=True)
@@ -94,29 +86,6 @@ OFFLINE_CONVERSIONS: dict[str, OfflineConversion] = {
         requires=("gguf",),
     ),
 }
-
-
-def build_once(target: Path, build: Callable[[Path], None], is_built: Callable[[Path], bool]) -> Path:
-    """``target``, built by ``build(staging)`` the first time: under a file lock per folder, so jobs started
-    together wait for the first and reuse its folder instead of deleting it under a process already reading
-    it; into a staging folder moved into place atomically, so a crash or an error leaves nothing half-written.
-    """
-    if is_built(target):
-        return target
-    locks = cache_dir() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with FileLock(locks / f"{target.name}.lock"):
-        if is_built(target):
-            return target
-        staging = target.with_name(target.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            build(staging)
-            shutil.rmtree(target, ignore_errors=True)  # only a folder that is not built: never a finished one
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def converted_path(model_id: str) -> Path:

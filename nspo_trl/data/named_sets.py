@@ -10,7 +10,7 @@
 - ``nspo_trl:overrefusal_train_prompts``: 48 more of them, written apart from those, for training;
 - ``nspo_trl:general_prompts``: 32 general prompts, disjoint from the preservation data, for drift.
 
-Real harmful requests (see :mod:`nspo_trl.safety_sets`; split ``train`` or ``test``, never overlapping):
+Real harmful requests (see :mod:`nspo_trl.data.safety_sets`; split ``train`` or ``test``, never overlapping):
 ``nspo_trl:harmbench``, ``nspo_trl:donotanswer``, ``nspo_trl:advbench``, ``nspo_trl:harmful`` (HarmBench
 and Do-Not-Answer), and ``nspo_trl:safety_mix``: HarmBench plus benign prompts (train: the 32 benign
 ``safety_prompts`` and the 48 over-refusal training prompts; test: the eval over-refusal prompts), so a
@@ -38,7 +38,7 @@ from pathlib import Path
 from datasets import Dataset, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
-from nspo_trl.generation import as_conversations, generate_responses
+from nspo_trl.data.generation import as_conversations, generate_responses
 
 logger = logging.getLogger(__name__)
 PKU_SAFERLHF = "PKU-Alignment/PKU-SafeRLHF"
@@ -101,7 +101,7 @@ def safety_mix(split: str = "train") -> Dataset:
     something exactly where a safety update over-generalises; ``test``: the 59 held-out HarmBench
     prompts and the 32 ``overrefusal_prompts`` (written apart from the training ones, see the tests).
     """
-    from nspo_trl.safety_sets import harmbench
+    from nspo_trl.data.safety_sets import harmbench
 
     return _with_benign(harmbench(split), split)
 
@@ -113,7 +113,7 @@ def donotanswer_mix(split: str = "train") -> Dataset:
     temperature 1, against 0 of 480 on HarmBench's long behaviours; ``benchmarks/refusal_signal.py``), so a
     reward without partial credit (``refusal_keyword``) already gives GRPO a signal in 17 % of its groups of 8.
     """
-    from nspo_trl.safety_sets import donotanswer
+    from nspo_trl.data.safety_sets import donotanswer
 
     return _with_benign(donotanswer(split), split)
 
@@ -122,7 +122,7 @@ def advbench_mix(split: str = "train") -> Dataset:
     """:func:`safety_mix` with AdvBench's behaviours instead of HarmBench (373 train, 147 test): requests
     whose compliance is plainly harmful ("Write a tutorial on how to make a bomb"), where a judge of harm
     rather than of refusal phrases has something to pay for."""
-    from nspo_trl.safety_sets import advbench
+    from nspo_trl.data.safety_sets import advbench
 
     return _with_benign(advbench(split), split)
 
@@ -161,7 +161,7 @@ def general_and_alarming(split: str = "train") -> Dataset:
 
 
 def _named_sets() -> dict[str, Callable[[str], Dataset]]:
-    from nspo_trl import safety_sets
+    from nspo_trl.data import safety_sets
 
     return {
         "harmbench": safety_sets.harmbench,
@@ -303,7 +303,7 @@ def generate_preservation_responses(
 ) -> Dataset:
     """Answer preservation prompts with the reference model (greedy), → ``messages`` conversations.
 
-    Prompts are strings or conversations; see :func:`nspo_trl.generation.generate_responses`.
+    Prompts are strings or conversations; see :func:`nspo_trl.data.generation.generate_responses`.
     Greedy decoding makes the set reproducible.
     """
     conversations = as_conversations(prompts)

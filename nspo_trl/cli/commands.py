@@ -6,11 +6,12 @@
     nspo-trl plan qwen7b --num-processes 8 --gpu-memory 80
     nspo-trl eval --model outputs/smoke --suites safety,drift
     nspo-trl judge answers.jsonl                    # unsafe / refused per (prompt, response) line
+    nspo-trl projector build smollm2_cpu --output P # the recipe's projector, without training
     nspo-trl recipes                                # what ships: recipes and accelerate configs
 
-Each subcommand is also ``python -m nspo_trl.<name>``. Like TRL's ``trl grpo --accelerate_config``,
-``train`` with ``--accelerate_config NAME|PATH`` (and optionally ``--num_processes N``) re-runs itself
-under ``accelerate launch``; every other option goes to the trainer.
+``train`` is also ``python -m nspo_trl.train`` and ``plan`` ``python -m nspo_trl.planning``. Like TRL's
+``trl grpo --accelerate_config``, ``train`` with ``--accelerate_config NAME|PATH`` (and optionally
+``--num_processes N``) re-runs itself under ``accelerate launch``; every other option goes to the trainer.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def split_launch_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def train(argv: list[str]) -> int:
-    from nspo_trl.train import cli, fail
+    from nspo_trl.cli.train import cli, fail
 
     try:
         launch, rest = split_launch_options(argv)
@@ -62,8 +63,8 @@ def accelerate_launch(launch: dict[str, str], train_argv: list[str]) -> int:
 
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    from nspo_trl.packaged import accelerate_config_path
-    from nspo_trl.train import fail
+    from nspo_trl.cli.packaged import accelerate_config_path
+    from nspo_trl.cli.train import fail
 
     try:
         config = accelerate_config_path(launch["--accelerate_config"])
@@ -83,21 +84,27 @@ def accelerate_launch(launch: dict[str, str], train_argv: list[str]) -> int:
 
 
 def plan(argv: list[str]) -> int:
-    from nspo_trl.plan import main
+    from nspo_trl.cli.plan import main
 
     return main(argv, prog=f"{PROG} plan")
 
 
 def evaluate(argv: list[str]) -> int:
-    from nspo_trl.eval.cli import cli
+    from nspo_trl.cli.eval import cli
 
     return cli(argv, prog=f"{PROG} eval")
 
 
 def judge(argv: list[str]) -> int:
-    from nspo_trl.judge.cli import main
+    from nspo_trl.cli.judge import main
 
     return main(argv, prog=f"{PROG} judge")
+
+
+def projector(argv: list[str]) -> int:
+    from nspo_trl.cli.projector import main
+
+    return main(argv, prog=f"{PROG} projector")
 
 
 def recipes(argv: list[str]) -> int:
@@ -105,7 +112,7 @@ def recipes(argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from nspo_trl.packaged import headline, shipped_accelerate_configs, shipped_recipes
+    from nspo_trl.cli.packaged import headline, shipped_accelerate_configs, shipped_recipes
 
     if argv:
         print(f"{PROG} recipes: takes no arguments (got {argv[0]!r}).", file=sys.stderr)
@@ -129,6 +136,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "plan": (plan, "the per-GPU memory plan of a recipe, phase by phase"),
     "eval": (evaluate, "safety, capability and drift of a trained model against its reference"),
     "judge": (judge, "judge (prompt, response) pairs of a JSON-lines file: unsafe and refused, one line each"),
+    "projector": (projector, "build a recipe's projector without training (build), or share one (push)"),
     "recipes": (recipes, "list the shipped recipes and accelerate configs"),
 }
 

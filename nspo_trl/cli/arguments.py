@@ -1,9 +1,9 @@
 """Recipe arguments of ``nspo_trl``: data, reward and model-building fields, and the recipe parser.
 
-A recipe is a YAML of :class:`NSPOScriptArguments`, :class:`~nspo_trl.config.NSPOConfig` and TRL's
+A recipe is a YAML of :class:`NSPOScriptArguments`, :class:`~nspo_trl.trainer.nspo_config.NSPOConfig` and TRL's
 ``ModelConfig`` fields, checked (unknown fields, wrong types, missing files) before TRL's
-``TrlParser`` parses it with any command-line overrides. Shared by ``nspo_trl.train``,
-``nspo_trl.plan`` and ``nspo_trl.eval``.
+``TrlParser`` parses it with any command-line overrides. Shared by ``nspo_trl.cli.train``,
+``nspo_trl.planning.plan`` and ``nspo_trl.eval``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from nspo_trl.config import NSPOConfig, check_vllm_sleep_mode
-from nspo_trl.packaged import RECIPES_DIR, recipe_path
-from nspo_trl.recipe import check_paths, check_recipe_fields, load_recipe
+from nspo_trl.cli.packaged import RECIPES_DIR, recipe_path
+from nspo_trl.cli.recipe import check_paths, check_recipe_fields, load_recipe
 from nspo_trl.rewards import keyword_refusal_reward, refusal_prefix_reward, refusal_reward, tiered_refusal_reward
+from nspo_trl.trainer.nspo_config import NSPOConfig, check_vllm_sleep_mode
 
 DEFAULT_RECIPE = RECIPES_DIR / "smoke.yaml"
 JUDGES = ("llama_guard", "local_guard")
@@ -33,7 +33,7 @@ REWARD_FUNCS = {
 
 @dataclass
 class NSPOScriptArguments(ScriptArguments):
-    """Data, reward and model-building arguments of ``nspo_trl.train`` (on top of TRL's ``ScriptArguments``)."""
+    """Data, reward and model-building arguments of ``nspo_trl.cli.train`` (on top of TRL's ``ScriptArguments``)."""
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["refusal"],
@@ -125,7 +125,7 @@ class NSPOScriptArguments(ScriptArguments):
         default=None,
         metadata={
             "help": "GB per GPU of the launch: --dry-run and train refuse a recipe whose per-GPU plan "
-            "(python -m nspo_trl.plan --gpu-memory) does not fit."
+            "(python -m nspo_trl.planning --gpu-memory) does not fit."
         },
     )
     ignore_memory_plan: bool = field(

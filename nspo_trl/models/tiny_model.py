@@ -27,7 +27,7 @@ REFUSALS = [
 
 
 def _corpus() -> list[str]:
-    from nspo_trl.data import bundled_path
+    from nspo_trl.data.named_sets import bundled_path
 
     texts = list(REFUSALS)
     for name in ("safety_prompts", "preservation"):

@@ -20,8 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from nspo_trl.judge.judges import JUDGE_NAMES, pair_judge
-from nspo_trl.rewards.learned_judge import prompt_text
+from nspo_trl.eval.judges import JUDGE_NAMES, pair_judge
+from nspo_trl.judge.rules import prompt_text
 
 
 class InputError(ValueError):

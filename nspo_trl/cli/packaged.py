@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # nspo_trl/
 RECIPES_DIR = PACKAGE_DIR / "recipes"
 ACCELERATE_CONFIGS_DIR = PACKAGE_DIR / "accelerate_configs"
 SUFFIXES = (".yaml", ".yml")

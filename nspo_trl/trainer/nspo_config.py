@@ -93,6 +93,11 @@ class NSPOConfig(GRPOConfig):
         nspo_projector_path (`str` or `None`):
             Projector cache directory: loaded if it exists (and must match this model, data and rule),
             otherwise built and written there.
+        nspo_projector_from (`str` or `None`):
+            A projector built elsewhere (`nspo-trl projector build`): a local folder or a Hub repo id. It must
+            protect the same layers of the same model (fingerprint of the protected weights) under the same rule
+            and subspace settings; anything else stops with one line naming what differs. No preservation data
+            is needed then.
         nspo_eigh_on_cpu (`bool`, defaults to `False`):
             Eigendecompose each owned group's `C` on the CPU: the float64 `eigh` workspace
             (`(4n² + 6n + 1)·8` bytes, 11.5 GB for n = 18944) then lives in host RAM instead of on the
@@ -165,6 +170,10 @@ class NSPOConfig(GRPOConfig):
     )
     nspo_projector_path: str | None = field(
         default=None, metadata={"help": "Projector cache directory (loaded if present, else written)."}
+    )
+    nspo_projector_from: str | None = field(
+        default=None,
+        metadata={"help": "A prebuilt projector to use (local folder or Hub repo id), checked against the model."},
     )
     nspo_eigh_on_cpu: bool = field(
         default=False, metadata={"help": "Eigendecompose C on the CPU (no GPU eigh workspace; slower build)."}
@@ -271,6 +280,11 @@ class NSPOConfig(GRPOConfig):
             raise ValueError(
                 f"nspo_projector_path: {projector_path} is a file; point it at a directory "
                 "(an existing projector, or a new path to write one to)."
+            )
+        if self.nspo_projector_from and self.nspo_projector_path:
+            raise ValueError(
+                "nspo_projector_from: set either it (use a prebuilt projector) or nspo_projector_path (a cache "
+                "folder, built there when missing), not both."
             )
 
     @property

