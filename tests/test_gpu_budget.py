@@ -6,8 +6,9 @@ from pathlib import Path
 
 from nspo_trl.cli.arguments import parse
 from nspo_trl.cli.plan import main as plan_main
-from nspo_trl.planning.gpu_budget import GB, model_parameters
+from nspo_trl.planning.gpu_budget import GiB
 from nspo_trl.planning.plan import print_plan
+from nspo_trl.planning.shapes import model_parameters
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,7 +44,7 @@ def budget_lines(capsys, recipe="qwen7b", ranks=RANKS, gpu=80.0, *extra: str) ->
 
 def test_qwen7b_on_eight_80gb_gpus_every_term(capsys):
     phases, fits = budget_lines(capsys)
-    gb = lambda value: round(value / GB, 1)  # noqa: E731 (the plan prints GB with one decimal)
+    gb = lambda value: round(value / GiB, 1)  # noqa: E731 (the plan prints GiB with one decimal)
     tokens = 20 * (512 + 512)  # micro-batch 20, prompt 512, completion 512
     state = 16 * PARAMS / RANKS  # bf16 weights + bf16 grads + fp32 master, m, v, sharded
     widest = F  # down_proj's input
@@ -56,9 +57,9 @@ def test_qwen7b_on_eight_80gb_gpus_every_term(capsys):
         "NSPO state": phases["generation"]["NSPO state"],
     }  # vLLM asleep during the build (sleep mode), eigh on the CPU: no terms
     # the issue's bound: the build adds at most 8 GiB to the model shard (and vLLM, asleep)
-    assert sum(phases["build"].values()) - phases["build"]["model shard"] <= 8 * 2**30 / GB + 0.05
+    assert sum(phases["build"].values()) - phases["build"]["model shard"] <= 8 * 2**30 / GiB + 0.05
     assert phases["generation"]["training state"] == gb(state)
-    assert phases["generation"]["vLLM"] == gb(0.5 * 80 * GB)
+    assert phases["generation"]["vLLM"] == gb(0.5 * 80 * GiB)
     assert phases["training"] == {
         "training state": gb(state),
         "NSPO state": phases["generation"]["NSPO state"],
@@ -70,21 +71,21 @@ def test_qwen7b_on_eight_80gb_gpus_every_term(capsys):
     assert fits
     # eigh on the GPU instead: the float64 copy, eigenvectors and syevd workspace of down_proj's C
     on_gpu, _ = budget_lines(capsys, "qwen7b", RANKS, 80.0, "--nspo_eigh_on_cpu", "false")
-    assert on_gpu["build"]["eigh workspace"] == gb((4 * widest**2 + 6 * widest + 1) * 8) == 11.5
+    assert on_gpu["build"]["eigh workspace"] == gb((4 * widest**2 + 6 * widest + 1) * 8) == 10.7
 
 
 def test_qwen7b_contrast_build_holds_three_covariances_and_a_larger_workspace(capsys):
     """A contrast subspace protecting the benign prompts holds C, C_train and C_benign per group: a third of the
-    1.5 GiB budget is less than down_proj's C alone, so each down_proj pass holds its three (4.3 GB). Its
+    1.5 GiB budget is less than down_proj's C alone, so each down_proj pass holds its three (4.0 GiB). Its
     decomposition keeps 9 float64 n × n matrices live at once (float64 copies of C and C_train; C's eigenvectors;
     the whitening W; the eigenvectors of Wᵀ C_train W, flipped; W w; Q and R)."""
-    gb = lambda value: round(value / GB, 1)  # noqa: E731
+    gb = lambda value: round(value / GiB, 1)  # noqa: E731
     contrast = ("--nspo_subspace", "contrast", "--nspo_contrast_protect_benign", "true")
     phases, fits = budget_lines(capsys, "qwen7b", RANKS, 80.0, *contrast)
-    assert phases["build"]["covariances"] == gb(3 * F * F * 4) == 4.3
+    assert phases["build"]["covariances"] == gb(3 * F * F * 4) == 4.0
     assert "eigh workspace" not in phases["build"] and fits  # the recipe decomposes on the CPU
     on_gpu, _ = budget_lines(capsys, "qwen7b", RANKS, 80.0, *contrast, "--nspo_eigh_on_cpu", "false")
-    assert on_gpu["build"]["eigh workspace"] == gb((9 * F * F + 6 * F + 1) * 8) == 25.8
+    assert on_gpu["build"]["eigh workspace"] == gb((9 * F * F + 6 * F + 1) * 8) == 24.1
     plain, _ = budget_lines(capsys, "qwen7b", RANKS, 80.0, "--nspo_subspace", "contrast")
     assert plain["build"]["covariances"] == gb(2 * F * F * 4)  # C and C_train
 
@@ -92,16 +93,16 @@ def test_qwen7b_contrast_build_holds_three_covariances_and_a_larger_workspace(ca
 def test_qwen7b_lora_on_one_80gb_gpu_every_term(capsys):
     """One GPU owns every group: its bases (<= n·n/2·4 bytes each) sit in host RAM (nspo_projector_offload)."""
     phases, fits = budget_lines(capsys, "qwen7b_lora", 1)
-    gb = lambda value: round(value / GB, 1)  # noqa: E731
+    gb = lambda value: round(value / GiB, 1)  # noqa: E731
     bases = L * (F * (F // 2) * 4 + H * (H // 2) * 4)  # down_proj's and gate/up's input group per layer
-    assert gb(bases) == 20.8
+    assert gb(bases) == 19.4
     assert phases["build"] == {
         "model shard": gb(2 * PARAMS),  # the bf16 base, whole on its one GPU
         "covariances": gb(F * F * 4 + 3 * H * H * 4),
         "forward": gb(8 * 512 * (V * 2 + (2 * F + 4 * H) * 2)),
     }  # no NSPO state: LoRA keeps no W_ref and the bases are offloaded; vLLM asleep; eigh on the CPU
-    assert sum(phases["build"].values()) - phases["build"]["model shard"] <= 8 * 2**30 / GB
-    assert phases["generation"] == {"training state": gb(2 * PARAMS), "vLLM": gb(0.4 * 80 * GB)}
+    assert sum(phases["build"].values()) - phases["build"]["model shard"] <= 8 * 2**30 / GiB
+    assert phases["generation"] == {"training state": gb(2 * PARAMS), "vLLM": gb(0.4 * 80 * GiB)}
     assert phases["training"]["projection"] == gb(3 * F * H * 4 + F * (F // 2) * 4)  # plus one streamed basis
     assert "NSPO state" not in phases["training"] and fits
     # the bases on the GPU instead: all of them, in every phase
@@ -114,30 +115,30 @@ def test_a_budget_that_overflows_names_the_phase_and_term(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     assert plan_main(["recipes/qwen7b.yaml", "--num-processes", "8", "--gpu-memory", "24"]) == 3
     out = capsys.readouterr().out
-    assert "build: 10.3 GB of 24 GB: FITS" in out
-    assert "generation: 31.3 GB of 24 GB: DOES NOT FIT (largest term: training state, 15.2 GB)" in out
-    assert "training: 48.9 GB of 24 GB: DOES NOT FIT (largest term: logits, 18.7 GB)" in out
+    assert "build: 9.6 GiB of 24 GiB: FITS" in out
+    assert "generation: 30.0 GiB of 24 GiB: DOES NOT FIT (largest term: training state, 14.2 GiB)" in out
+    assert "training: 45.6 GiB of 24 GiB: DOES NOT FIT (largest term: logits, 17.4 GiB)" in out
 
 
 def test_dry_run_and_train_refuse_a_recipe_that_does_not_fit(tmp_path, monkeypatch, capsys):
     from nspo_trl.cli.train import cli
 
     monkeypatch.chdir(REPO)
-    assert cli(["recipes/qwen7b_lora.yaml", "--dry-run", "--gpu_memory_gb", "80"]) == 0  # its one-GPU launch
+    assert cli(["recipes/qwen7b_lora.yaml", "--dry-run", "--gpu_memory_gib", "79.6"]) == 0  # its one-GPU launch
     capsys.readouterr()
-    # the 8-GPU recipe launched as one process: DDP's 16 bytes per parameter alone are 122 GB
-    assert cli(["recipes/qwen7b.yaml", "--dry-run", "--gpu_memory_gb", "80"]) == 2
+    # the 8-GPU recipe launched as one process: DDP's 16 bytes per parameter alone are 113.5 GiB
+    assert cli(["recipes/qwen7b.yaml", "--dry-run", "--gpu_memory_gib", "79.6"]) == 2
     captured = capsys.readouterr()
     assert (
         captured.err.strip()
         .splitlines()[-1]
-        .startswith("nspo_trl.train: error: gpu_memory_gb: the plan does not fit 80 GB per GPU")
+        .startswith("nspo_trl.train: error: gpu_memory_gib: the plan does not fit 79.6 GiB per GPU")
     )
-    assert "training: 193.1 GB of 80 GB: DOES NOT FIT (largest term: training state, 121.8 GB)" in captured.out
-    assert cli(["recipes/qwen7b.yaml", "--dry-run", "--gpu_memory_gb", "80", "--ignore_memory_plan", "true"]) == 0
+    assert "training: 179.9 GiB of 79.6 GiB: DOES NOT FIT (largest term: training state, 113.5 GiB)" in captured.out
+    assert cli(["recipes/qwen7b.yaml", "--dry-run", "--gpu_memory_gib", "79.6", "--ignore_memory_plan", "true"]) == 0
     # train refuses before anything is loaded or written
     out = tmp_path / "out"
     smoke = ["recipes/smoke.yaml", "--model_name_or_path", str(tmp_path / "tiny"), "--output_dir", str(out)]
-    assert cli([*smoke, "--gpu_memory_gb", "0.0001"]) == 2
-    assert "gpu_memory_gb: the plan does not fit" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert cli([*smoke, "--gpu_memory_gib", "0.0001"]) == 2
+    assert "gpu_memory_gib: the plan does not fit" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out.exists() and not (tmp_path / "tiny").exists()

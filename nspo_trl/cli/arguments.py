@@ -121,15 +121,15 @@ class NSPOScriptArguments(ScriptArguments):
             "number changes the effective batch, and --dry-run and train say so."
         },
     )
-    gpu_memory_gb: float | None = field(
+    gpu_memory_gib: float | None = field(
         default=None,
         metadata={
-            "help": "GB per GPU of the launch: --dry-run and train refuse a recipe whose per-GPU plan "
+            "help": "GiB per GPU of the launch (an H100 80GB: 79.6): --dry-run and train refuse a recipe whose plan "
             "(python -m nspo_trl.planning --gpu-memory) does not fit."
         },
     )
     ignore_memory_plan: bool = field(
-        default=False, metadata={"help": "Run even when the plan says gpu_memory_gb does not fit."}
+        default=False, metadata={"help": "Run even when the plan says gpu_memory_gib does not fit."}
     )
     dry_run: bool = field(
         default=False,
@@ -160,8 +160,8 @@ class NSPOScriptArguments(ScriptArguments):
             if not ok:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is out of range (timeout > 0, retries >= 0, "
                                  "concurrency >= 1).")  # fmt: skip
-        if self.gpu_memory_gb is not None and not (math.isfinite(self.gpu_memory_gb) and self.gpu_memory_gb > 0):
-            raise ValueError(f"gpu_memory_gb must be a finite number > 0, got {self.gpu_memory_gb!r}.")
+        if self.gpu_memory_gib is not None and not (math.isfinite(self.gpu_memory_gib) and self.gpu_memory_gib > 0):
+            raise ValueError(f"gpu_memory_gib must be a finite number > 0, got {self.gpu_memory_gib!r}.")
         if self.recipe_num_processes is not None and self.recipe_num_processes < 1:
             raise ValueError(f"recipe_num_processes must be >= 1, got {self.recipe_num_processes}.")
         if self.heldout_max_new_tokens < 1:

@@ -7,7 +7,7 @@ from nspo_trl.planning.plan import print_plan
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m nspo_trl.planning") -> int:
-    """The per-GPU memory plan of a recipe, phase by phase; with ``--gpu-memory GB``, FITS or DOES NOT FIT."""
+    """The per-GPU memory plan of a recipe, phase by phase; with ``--gpu-memory GiB``, FITS or DOES NOT FIT."""
     import argparse
     import sys
 
@@ -19,7 +19,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m nspo_trl.planning
     parser.add_argument("recipe", help="a recipe: a shipped name (qwen7b) or a YAML path")
     parser.add_argument("--num-processes", type=int, default=1, help="data-parallel ranks (GPUs)")
     parser.add_argument("--backend", choices=("zero3", "zero2", "ddp"), default="zero3")
-    parser.add_argument("--gpu-memory", type=float, default=None, help="GB per GPU: total every phase against it")
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        help="GiB per GPU (nvidia-smi's MiB / 1024; an H100 80GB: 79.6): total every phase against it",
+    )
     args = parser.parse_args(argv)
     if args.num_processes < 1:
         parser.error("--num-processes: must be at least 1.")

@@ -432,9 +432,9 @@ def main(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args
     preflight(script_args, training_args, model_args)
     if script_args.heldout_harmful_dataset and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("heldout_harmful_dataset: the summary evaluation runs in one process; use nspo_trl.eval.")
-    if script_args.gpu_memory_gb is not None:  # before anything is loaded; every rank decides alike
+    if script_args.gpu_memory_gib is not None:  # before anything is loaded; every rank decides alike
         world, backend = launch_shape()
-        lines, fits = plan_report(script_args, training_args, model_args, world, backend, script_args.gpu_memory_gb)
+        lines, fits = plan_report(script_args, training_args, model_args, world, backend, script_args.gpu_memory_gib)
         if not fits and training_args.process_index == 0:
             for line in lines:
                 logger.info(line)
@@ -517,7 +517,7 @@ def dry_run(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_a
     preflight(script_args, training_args, model_args)
     world, backend = launch_shape()
     if int(os.environ.get("RANK", "0")) != 0:  # every rank checks; one prints
-        fits = plan_report(script_args, training_args, model_args, world, backend, script_args.gpu_memory_gb)[1]
+        fits = plan_report(script_args, training_args, model_args, world, backend, script_args.gpu_memory_gib)[1]
         refuse_if_over_budget(script_args, fits)
         return
     settings = deciding_settings(script_args, training_args, model_args, world)
@@ -537,7 +537,7 @@ def dry_run(script_args: NSPOScriptArguments, training_args: NSPOConfig, model_a
     print("\nevery field that differs from its default:")
     print(yaml.safe_dump(resolved, sort_keys=True, width=119))
     print("\n".join(describe_batch(script_args, training_args, world)))
-    fits = print_plan(script_args, training_args, model_args, world, backend, script_args.gpu_memory_gb)
+    fits = print_plan(script_args, training_args, model_args, world, backend, script_args.gpu_memory_gib)
     refuse_if_over_budget(script_args, fits)
 
 
@@ -552,7 +552,7 @@ def launch_shape() -> tuple[int, str]:
 def refuse_if_over_budget(script_args: NSPOScriptArguments, fits: bool) -> None:
     if not fits and not script_args.ignore_memory_plan:
         raise ValueError(
-            f"gpu_memory_gb: the plan does not fit {script_args.gpu_memory_gb:g} GB per GPU "
+            f"gpu_memory_gib: the plan does not fit {script_args.gpu_memory_gib:g} GiB per GPU "
             "(python -m nspo_trl.planning ... --gpu-memory shows the phase and term); shrink the recipe, "
             "or set ignore_memory_plan: true."
         )

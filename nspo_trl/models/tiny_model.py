@@ -67,8 +67,9 @@ def tiny_model_shape(
     vocab_size: int = 512,
     tie_word_embeddings: bool = False,
 ) -> dict:
-    """The ``Qwen2Config`` shape fields of the tiny model (also what ``--dry-run`` plans with)."""
+    """The ``Qwen2Config`` fields of the tiny model's shape (also what ``--dry-run`` plans with)."""
     return {
+        "model_type": "qwen2",
         "hidden_size": hidden_size,
         "intermediate_size": intermediate_size,
         "num_hidden_layers": num_hidden_layers,
@@ -87,7 +88,7 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, **shape) -> Path:
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     output_dir = Path(output_dir)
-    fields = tiny_model_shape(**shape)
+    fields = {k: v for k, v in tiny_model_shape(**shape).items() if k != "model_type"}
     tokenizer = build_tokenizer(fields["vocab_size"])
     config = Qwen2Config(
         **{**fields, "vocab_size": len(tokenizer)},

@@ -43,27 +43,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GB = 10**9
+from nspo_trl.planning.shapes import model_parameters, model_shape
+
+GiB = 2**30
 DEEPSPEED_MAX_LIVE_PARAMETERS = 10**9
-
-
-def _shape(config: dict) -> tuple[int, int, int, int, int, int, int]:
-    """``(h, f, layers, vocab, heads, kv heads, head dim)`` of a Llama/Qwen2-shaped config."""
-    h, heads = config["hidden_size"], config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", heads)
-    d = config.get("head_dim") or h // heads
-    return h, config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"], heads, kv, d
-
-
-def model_parameters(config: dict) -> int:
-    """Parameters of a Llama/Qwen2-shaped decoder: embeddings, layers (attention with q/k/v biases when the
-    config says so, SwiGLU MLP, two norms), final norm, and an untied ``lm_head``."""
-    h, f, layers, vocab, heads, kv, d = _shape(config)
-    bias = config.get("attention_bias", config.get("model_type") == "qwen2")
-    attention = h * heads * d + 2 * h * kv * d + heads * d * h + (heads * d + 2 * kv * d if bias else 0)
-    per_layer = attention + 3 * h * f + 2 * h
-    head = 0 if config.get("tie_word_embeddings", False) else vocab * h
-    return vocab * h + layers * per_layer + h + head
 
 
 @dataclass(frozen=True)
@@ -72,7 +55,7 @@ class Launch:
 
     num_processes: int
     backend: str  # zero3 | zero2 | ddp
-    gpu_memory_gb: float
+    gpu_memory_gib: float
     weight_bytes: int  # bytes per weight as loaded (2 under DeepSpeed bf16)
     lora: bool
     micro_batch: int
@@ -92,9 +75,11 @@ def gpu_budget(config: dict, launch: Launch, nspo: dict) -> dict[str, dict[str, 
     """``{phase: {term: bytes}}`` on the most loaded GPU (module docstring). ``nspo``: ``plan.memory_plan``'s
     figures (``w_ref``, ``projector_max``, ``covariances_build``, ``widest_owned_group``, ``decomposition``,
     ``widest_weight``)."""
-    h, f, layers, vocab, _, kv, d = _shape(config)
+    shape = model_shape(config)
+    h, f, layers, vocab, kv, d = (shape.hidden, shape.intermediate, shape.layers, shape.vocab, shape.kv_heads,
+                                  shape.head_dim)  # fmt: skip
     params, n = model_parameters(config), launch.num_processes
-    g = launch.gpu_memory_gb * GB
+    g = launch.gpu_memory_gib * GiB
 
     if launch.lora:
         state = params * launch.weight_bytes
@@ -148,13 +133,13 @@ def contrast_host_bytes(n: int) -> int:
     return (9 * n * n + 6 * n + 1) * 8
 
 
-def verdict(budget: dict[str, dict[str, int]], gpu_memory_gb: float) -> list[str]:
+def verdict(budget: dict[str, dict[str, int]], gpu_memory_gib: float) -> list[str]:
     """One line per phase: its total against the GPU, FITS or DOES NOT FIT with the largest term named."""
     lines = []
     for phase, terms in budget.items():
         total = sum(terms.values())
-        fits = total <= gpu_memory_gb * GB
+        fits = total <= gpu_memory_gib * GiB
         largest = max(terms, key=terms.get)
-        word = "FITS" if fits else f"DOES NOT FIT (largest term: {largest}, {terms[largest] / GB:.1f} GB)"
-        lines.append(f"{phase}: {total / GB:.1f} GB of {gpu_memory_gb:g} GB: {word}")
+        word = "FITS" if fits else f"DOES NOT FIT (largest term: {largest}, {terms[largest] / GiB:.1f} GiB)"
+        lines.append(f"{phase}: {total / GiB:.1f} GiB of {gpu_memory_gib:g} GiB: {word}")
     return lines

@@ -2,11 +2,10 @@
 
     python -m nspo_trl.planning recipes/qwen7b.yaml --num-processes 8 [--backend zero3|zero2|ddp]
 
-For a decoder with hidden size ``h``, MLP width ``f``, ``L`` layers, ``a`` attention heads of size
-``d`` and ``kv`` key/value heads, the protected linears and their input widths ``n`` are
-
-    q/k/v_proj: n = h (one shared projector)     o_proj: n = a·d
-    gate/up_proj: n = h (one shared projector)   down_proj: n = f        lm_head: n = h
+The protected linears, their input widths ``n`` and which of them share a projector (an input group)
+come from the model itself, built on the ``meta`` device from its config (``shapes.py``): for a Llama or
+Qwen2 decoder, q/k/v_proj share one (``n = h``), gate/up_proj one (``n = h``), o_proj has ``n = a·d``,
+down_proj ``n = f``, an untied lm_head ``n = h``. Sizes are in GiB (2³⁰ bytes) throughout.
 
 Figures per rank, as this version stores them (``sharding.py``): each input group has one owner
 rank holding the ``W_ref`` of its layers (in the weights' dtype: bf16 under DeepSpeed mixed
@@ -25,18 +24,16 @@ an fp32 ``W_ref``, on every rank, and no extra communication (every rank project
 from __future__ import annotations
 
 import json
-import re
 from importlib import resources
 from pathlib import Path
 
 from nspo_trl.models.tiny_model import tiny_model_shape
 from nspo_trl.nullspace.collect import covariance_chunks
 from nspo_trl.nullspace.sharding import assign_owners, group_costs, rank_loads
-from nspo_trl.nullspace.targets import expand_patterns
-from nspo_trl.planning.gpu_budget import GB, Launch, contrast_host_bytes, eigh_host_bytes, gpu_budget, verdict
+from nspo_trl.planning.gpu_budget import GiB, Launch, contrast_host_bytes, eigh_host_bytes, gpu_budget, verdict
+from nspo_trl.planning.shapes import protected_linears
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "auto": 2}
-GiB = 2**30
 
 
 def shipped_config(model: str) -> dict | None:
@@ -53,29 +50,6 @@ def model_config(model: str, tiny: tuple[int, int] | None = None) -> dict | None
         hidden, intermediate = tiny
         return tiny_model_shape(hidden_size=hidden, intermediate_size=intermediate)
     return shipped_config(model)
-
-
-def protected_linears(config: dict, target_modules: list[str]) -> list[tuple[str, int, int, str]]:
-    """``(name, out, in, input group)`` of every linear the targets select, for a Llama/Qwen2-shaped config."""
-    h, f = config["hidden_size"], config["intermediate_size"]
-    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
-    d = config.get("head_dim") or h // heads
-    linears = []
-    for i in range(config["num_hidden_layers"]):
-        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        linears += [
-            (f"{attn}.q_proj", heads * d, h, f"{attn}.q_proj"),
-            (f"{attn}.k_proj", kv * d, h, f"{attn}.q_proj"),
-            (f"{attn}.v_proj", kv * d, h, f"{attn}.q_proj"),
-            (f"{attn}.o_proj", h, heads * d, f"{attn}.o_proj"),
-            (f"{mlp}.gate_proj", f, h, f"{mlp}.gate_proj"),
-            (f"{mlp}.up_proj", f, h, f"{mlp}.gate_proj"),
-            (f"{mlp}.down_proj", h, f, f"{mlp}.down_proj"),
-        ]
-    if not config.get("tie_word_embeddings", False):
-        linears.append(("lm_head", config["vocab_size"], h, "lm_head"))
-    patterns = [re.compile(p) for p in expand_patterns(target_modules)]
-    return [entry for entry in linears if any(p.search(entry[0]) for p in patterns)]
 
 
 def memory_plan(
@@ -131,18 +105,18 @@ def memory_plan(
 
 
 def print_plan(
-    script_args, training_args, model_args, num_processes: int = 1, backend: str = "ddp", gpu_memory_gb=None
+    script_args, training_args, model_args, num_processes: int = 1, backend: str = "ddp", gpu_memory_gib=None
 ) -> bool:
     """Print :func:`plan_report`'s lines; returns whether every phase fits."""
-    lines, fits = plan_report(script_args, training_args, model_args, num_processes, backend, gpu_memory_gb)
+    lines, fits = plan_report(script_args, training_args, model_args, num_processes, backend, gpu_memory_gib)
     print("\n".join(lines))
     return fits
 
 
 def plan_report(
-    script_args, training_args, model_args, num_processes: int = 1, backend: str = "ddp", gpu_memory_gb=None
+    script_args, training_args, model_args, num_processes: int = 1, backend: str = "ddp", gpu_memory_gib=None
 ) -> tuple[list[str], bool]:
-    """The plan's lines; with ``gpu_memory_gb``, also the whole per-GPU budget by phase, and whether it fits."""
+    """The plan's lines; with ``gpu_memory_gib``, also the whole per-GPU budget by phase, and whether it fits."""
     backend = backend if num_processes > 1 else "ddp"  # one process shards nothing
     out: list[str] = []
     tiny = (script_args.tiny_hidden_size, script_args.tiny_intermediate_size) if script_args.build_tiny_model else None
@@ -173,9 +147,9 @@ def plan_report(
     out.append(f"plan for {model_args.model_name_or_path} on {where}: {plan['protected_linears']} protected linears "
           f"({params / 1e9:.3f} B params) in {plan['input_groups']} input groups")  # fmt: skip
     out.append(f"  per process, nspo_trl : W_ref {size(plan['w_ref'])} + projector <= {size(plan['projector_max'])}"
-          f" = {size(ours)} ({ours / 1e9:.2f} GB, most loaded rank)")  # fmt: skip
+          f" = {size(ours)} (most loaded rank)")  # fmt: skip
     out.append(f"  per process, reference: W_ref {size(plan['reference_w_ref'])} + dense P "
-          f"{size(plan['reference_dense_p'])} = {size(reference)} ({reference / 1e9:.2f} GB)")  # fmt: skip
+          f"{size(plan['reference_dense_p'])} = {size(reference)}")  # fmt: skip
     if num_processes > 1:
         out.append(f"  ratio reference / nspo_trl: {reference / ours:.1f}x")
         out.append(f"  extra communication per projection step: {size(plan['communication'])} per process (fp32)")
@@ -183,12 +157,12 @@ def plan_report(
     out.append(f"  covariances while building: {size(plan['covariances_build'])} per process at most ({dtype}), "
           f"{size(plan['covariances_all'])} in all, in {plan['build_passes']} pass(es) over the preservation data "
           f"(nspo_build_memory_gb {training_args.nspo_build_memory_gb:g}: fewer passes need more memory)")  # fmt: skip
-    if gpu_memory_gb is None:
+    if gpu_memory_gib is None:
         return out, True
     launch = Launch(
         num_processes=num_processes,
         backend=backend,
-        gpu_memory_gb=gpu_memory_gb,
+        gpu_memory_gib=gpu_memory_gib,
         weight_bytes=weight_bytes,
         lora=bool(model_args.use_peft),
         micro_batch=training_args.per_device_train_batch_size,
@@ -205,17 +179,17 @@ def plan_report(
     )
     budget = gpu_budget(config, launch, plan)
     if training_args.nspo_eigh_on_cpu:
-        host = plan["decomposition"] / GB
-        out.append(f"  eigh on the CPU (nspo_eigh_on_cpu): {host:.1f} GB of host RAM per process, not on the GPU")
+        host = plan["decomposition"] / GiB
+        out.append(f"  eigh on the CPU (nspo_eigh_on_cpu): {host:.1f} GiB of host RAM per process, not on the GPU")
     if training_args.nspo_projector_offload:
-        offloaded = plan["projector_max"] / GB
-        out.append(f"  projector in host RAM (nspo_projector_offload): {offloaded:.1f} GB per process at most, each "
+        offloaded = plan["projector_max"] / GiB
+        out.append(f"  projector in host RAM (nspo_projector_offload): {offloaded:.1f} GiB per process at most, each "
               "basis copied to the GPU while applied (that much host-to-GPU traffic per projection)")  # fmt: skip
-    out.append(f"  per-GPU budget ({gpu_memory_gb:g} GB GPU; GB = 1e9 bytes):")
+    out.append(f"  per-GPU budget ({gpu_memory_gib:g} GiB GPU):")
     for phase, terms in budget.items():
-        cells = ", ".join(f"{term} {value / GB:.1f}" for term, value in terms.items() if value)
-        out.append(f"    {phase:<10} {sum(terms.values()) / GB:6.1f} GB = {cells}")
-    lines = verdict(budget, gpu_memory_gb)
+        cells = ", ".join(f"{term} {value / GiB:.1f}" for term, value in terms.items() if value)
+        out.append(f"    {phase:<10} {sum(terms.values()) / GiB:6.1f} GiB = {cells}")
+    lines = verdict(budget, gpu_memory_gib)
     out += [f"  {line}" for line in lines]
     return out, all(line.endswith("FITS") for line in lines)
 

@@ -100,7 +100,7 @@ class NSPOConfig(GRPOConfig):
             is needed then.
         nspo_eigh_on_cpu (`bool`, defaults to `False`):
             Eigendecompose each owned group's `C` on the CPU: the float64 `eigh` workspace
-            (`(4n² + 6n + 1)·8` bytes, 11.5 GB for n = 18944) then lives in host RAM instead of on the
+            (`(4n² + 6n + 1)·8` bytes, 10.7 GiB for n = 18944) then lives in host RAM instead of on the
             GPU, at the price of a slower build (LAPACK on the host instead of cuSOLVER).
         nspo_projector_offload (`bool`, defaults to `False`):
             Keep the projector bases in host RAM; each group's basis is copied to the weights' device when
