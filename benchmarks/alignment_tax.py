@@ -75,7 +75,7 @@ METHODS: dict[str, list[str]] = {
     "nspo_full": ["--nspo_project_gradients", "false"],
     "nspo_mlp_gradproj": ["--nspo_target_modules", "mlp", "--learning_rate", "3e-5"],
     "nspo_full_gradproj": [],
-    # the optimizer comparison (#17): AdamW in null-space coordinates; SGD + momentum on projected gradients
+    # the optimizer comparison: AdamW in null-space coordinates; SGD + momentum on projected gradients
     "nspo_full_null_adamw": ["--nspo_null_space_adamw", "true"],
     "nspo_full_sgd": ["--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "1.0"],
     # the contrast-subspace recipe (recipes/smollm2_cpu_contrast.yaml) on the same data and steps
@@ -323,7 +323,7 @@ COLUMNS = [
     ("greedy agree", lambda r: r["final"]["greedy_agreement"]),
     ("leak mlp", lambda r: r["final"].get("leakage", {}).get("mlp")),
     ("leak attn", lambda r: r["final"].get("leakage", {}).get("attention")),
-    ("leak lm_head", lambda r: r["final"].get("leakage", {}).get("other")),  # from the twelfth session on
+    ("leak lm_head", lambda r: r["final"].get("leakage", {}).get("other")),  # none in older run files
     ("leak emb", lambda r: r["final"].get("leakage", {}).get("embedding")),
     ("leak norm", lambda r: r["final"].get("leakage", {}).get("norm")),
     ("wall s", lambda r: r["wall_time_s"]),

@@ -1,4 +1,4 @@
-"""Per-rank peak memory of NSPO's whole projector build, before and after the memory-bounded build (#13).
+"""Per-rank peak memory of NSPO's whole projector build, before and after the memory-bounded build.
 
 Two CPU processes under DeepSpeed ZeRO-3 (gloo, every weight partitioned) build the projector of a
 Qwen2-shaped random model (Qwen2.5-0.5B's layer shape by default: hidden 896, MLP 4864) from the bundled
