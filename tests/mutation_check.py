@@ -59,7 +59,7 @@ MUTANTS = [
         "nspo_trl/trainer/checkpointing.py",
         "        self.constrained_update.load_reference(reference)\n",
         "        pass\n",
-        ("tests/test_trainer.py::test_resume_restores_state_and_continues_identically",),
+        ("tests/test_trainer_resume.py::test_resume_restores_state_and_continues_identically",),
     ),
     Mutant(
         "state hard-linked into checkpoints instead of copied",

@@ -199,8 +199,8 @@ class ProjectorBuilder:
         if differing_fields(stored, expected):
             raise ProjectorMismatchError(
                 f"{field}: {directory} was built for another {', '.join(differing_fields(stored, expected))} "
-                f"({describe_differences(stored, expected, 'the projector')}); point {field} at a projector of "
-                "this model and rule, or elsewhere to build one."
+                f"({describe_differences(stored, expected, 'the projector')}); point {field} at one built for this "
+                "run, or at a new folder to build one."
             )
         logger.info("NSPO: loaded the projector of %s", directory)
         return projector
