@@ -30,8 +30,7 @@ def build(argv: list[str], prog: str) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nspo_trl.cli.arguments import parse
-    from nspo_trl.cli.train import fail, load_preservation, load_training_prompts, model_init_kwargs, prepare_model
-    from nspo_trl.data.preservation import check_layout
+    from nspo_trl.cli.train import fail, load_recipe_data, model_init_kwargs
     from nspo_trl.nullspace.build import ProjectorBuilder
     from nspo_trl.nullspace.targets import resolve_protected_layers, untie_output_embeddings
     from nspo_trl.utils import check_versions, quiet_command_line
@@ -54,10 +53,7 @@ def build(argv: list[str], prog: str) -> int:
         script_args, training_args, model_args = parse(rest, prog=f"{prog} build")
         if training_args.nspo_projector_from:
             raise ValueError("nspo_projector_from: the recipe already names a projector; there is nothing to build.")
-        train_dataset = load_training_prompts(script_args, training_args.seed)
-        model_path = prepare_model(script_args, training_args, model_args)
-        preservation = load_preservation(script_args, training_args, model_path)
-        check_layout(preservation, "preservation_dataset_name")
+        train_dataset, model_path, preservation = load_recipe_data(script_args, training_args, model_args)
         model = AutoModelForCausalLM.from_pretrained(model_path, **model_init_kwargs(training_args, model_args))
         if training_args.nspo_untie_word_embeddings:
             untie_output_embeddings(model)

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, get_peft_config
 from trl.import_utils import is_vllm_available
@@ -147,8 +148,6 @@ def load_preservation(script_args: NSPOScriptArguments, training_args: NSPOConfi
 def cached_preservation_responses(prompts: list, model_path: str, max_new_tokens: int):
     """[`generate_preservation_responses`], cached under ``cache_dir()/preservation`` by a digest of the
     model's files, the prompts and the length, so repeated runs of a recipe answer once."""
-    from datasets import Dataset
-
     weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
     key = hashlib.sha256(json.dumps([model_path, max_new_tokens, prompts], sort_keys=True).encode())
     for path in weights:
@@ -296,23 +295,31 @@ def model_init_kwargs(training_args: NSPOConfig, model_args: ModelConfig) -> dic
     return {**kwargs, **(training_args.model_init_kwargs or {})}
 
 
-def build_trainer(
-    script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig, callbacks=None
-) -> NSPOTrainer:
-    """The [`NSPOTrainer`] a recipe describes: model, tokenizer, training prompts, rewards, preservation data."""
+def load_recipe_data(
+    script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig
+) -> tuple[Dataset, str, Dataset]:
+    """A recipe's training prompts, its model's local path and its preservation data, each checked before the
+    next is loaded (the trainer and ``nspo-trl projector build`` start from the same)."""
     if not script_args.dataset_name:
         raise ValueError("dataset_name: required (prompts to train on).")
     if not script_args.preservation_dataset_name:
         raise ValueError("preservation_dataset_name: required (general-task data whose behaviour NSPO preserves).")
-    if training_args.use_vllm and not is_vllm_available():
-        raise ValueError("use_vllm: vLLM is not installed; pip install 'nspo_trl[vllm]', or set use_vllm: false.")
     train_dataset = load_training_prompts(script_args, training_args.seed)  # checked before anything is built
     model_path = prepare_model(script_args, training_args, model_args)
-    training_args.model_init_kwargs = model_init_kwargs(training_args, model_args)
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
     preservation = load_preservation(script_args, training_args, model_path)
     check_layout(preservation, "preservation_dataset_name")  # every row, before the trainer writes anything
+    return train_dataset, model_path, preservation
+
+
+def build_trainer(
+    script_args: NSPOScriptArguments, training_args: NSPOConfig, model_args: ModelConfig, callbacks=None
+) -> NSPOTrainer:
+    """The [`NSPOTrainer`] a recipe describes: model, tokenizer, training prompts, rewards, preservation data."""
+    if training_args.use_vllm and not is_vllm_available():
+        raise ValueError("use_vllm: vLLM is not installed; pip install 'nspo_trl[vllm]', or set use_vllm: false.")
+    train_dataset, model_path, preservation = load_recipe_data(script_args, training_args, model_args)
+    training_args.model_init_kwargs = model_init_kwargs(training_args, model_args)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
     trainer = NSPOTrainer(
         model=model_path,
         reward_funcs=[resolve_reward(name, script_args) for name in script_args.reward_funcs],

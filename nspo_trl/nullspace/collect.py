@@ -109,13 +109,7 @@ class CovarianceCollector:
         missing = [name for name in self.modules if name not in self._first_batch_inputs]
         if missing:
             raise RuntimeError(f"protected modules never ran on preservation data: {missing[:5]}")
-        leaders: list[tuple[torch.Tensor, str]] = []
-        for name, x in self._first_batch_inputs.items():
-            leader = next((lead for seen, lead in leaders if seen is x), None)
-            if leader is None:
-                leaders.append((x, name))
-                leader = name
-            self.groups[name] = leader
+        self.groups.update(input_groups(self._first_batch_inputs))
         # the first batch was accumulated by every module; keep one copy per group
         for name, leader in self.groups.items():
             if name != leader:
@@ -189,6 +183,20 @@ class CovarianceCollector:
     def samples(self) -> dict[str, torch.Tensor]:
         """Per-group ``(s, n)`` float32 token samples (this rank's data)."""
         return dict(self._samples)
+
+
+def input_groups(inputs: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Module → its group's leader: modules whose forward received the very same input tensor (``is``) share a
+    group, led by the first of them in ``inputs``' order (q/k/v read one input, gate/up another)."""
+    leaders: list[tuple[torch.Tensor, str]] = []
+    groups: dict[str, str] = {}
+    for name, x in inputs.items():
+        leader = next((lead for seen, lead in leaders if seen is x), None)
+        if leader is None:
+            leaders.append((x, name))
+            leader = name
+        groups[name] = leader
+    return groups
 
 
 def run_collection(

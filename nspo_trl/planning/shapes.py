@@ -18,6 +18,7 @@ from functools import lru_cache
 
 import torch
 
+from nspo_trl.nullspace.collect import input_groups
 from nspo_trl.nullspace.targets import resolve_protected_layers
 
 
@@ -80,11 +81,5 @@ def protected_linears(config: dict, target_modules: list[str]) -> list[tuple[str
     finally:
         for handle in handles:
             handle.remove()
-    leaders: list[tuple[torch.Tensor, str]] = []
-    groups: dict[str, str] = {}
-    for layer in layers:
-        x = inputs[layer.name]
-        groups[layer.name] = next((name for seen, name in leaders if seen is x), layer.name)
-        if groups[layer.name] == layer.name:
-            leaders.append((x, layer.name))
+    groups = input_groups({layer.name: inputs[layer.name] for layer in layers})  # in module order, as the build
     return [(layer.name, layer.linear.out_features, layer.linear.in_features, groups[layer.name]) for layer in layers]
