@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))  # the instrumented collector
 
+from results_table import record  # noqa: E402
+
 
 def child(model: str, budget_gb: float, out: str) -> None:
     import psutil
@@ -164,6 +166,18 @@ def main() -> None:
           f"resident {rss['before'] / rss['after']:.2f}x; the old whole-model gather (not measured, code gone) "
           f"added {params * 4 / 2**20:.0f} MiB per rank here, "
           f"{7.6e9 * 2 / 2**30:.1f} GiB for Qwen2.5-7B in bf16")  # fmt: skip
+    for name, result in results.items():
+        for rank, r in enumerate(result["ranks"]):
+            row = {
+                "build": name,
+                "nspo_build_memory_gb": f"{variants[name]:.3g}",
+                "rank": str(rank),
+                "covariance peak (measured)": f"{r['covariance_peak'] / 2**20:.0f} MiB",
+                "resident peak above start": f"{r['rss_peak'] / 2**20:.0f} MiB",
+                "build s": f"{r['seconds']:.1f}",
+            }
+            record("build_memory", row, key=("build", "rank"))
+    print("recorded in results/build_memory.md")
 
 
 if __name__ == "__main__":

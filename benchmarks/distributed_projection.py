@@ -21,6 +21,7 @@ import os
 import torch
 import torch.distributed as dist
 from projection_step import PRESETS, build, timed
+from results_table import command, device_name, record
 from torch import nn
 
 from nspo_trl.nullspace.access import parameter_access
@@ -107,6 +108,15 @@ def main() -> None:
             f"per rank W_ref {w_ref / 2**20:.1f} MiB + projector {proj / 2**20:.1f} MiB | "
             f"share of one process's state: {(w_ref + proj) / (total_w + total_p):.2f}"
         )
+        row = {
+            "command": command(),
+            "processes": f"{world} × {device_name().removeprefix('CPU, ')}",
+            "projection ms/step": f"{ms:.1f}",
+            "W_ref per rank": f"{w_ref / 2**20:.1f} MiB",
+            "projector per rank": f"{proj / 2**20:.1f} MiB",
+            "share of one process's state": f"{(w_ref + proj) / (total_w + total_p):.2f}",
+        }
+        print(f"recorded in {record('distributed_projection', row, key=('command',))}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import statistics
 import time
 
 import torch
+from results_table import device_name, record
 from torch import nn
 
 from nspo_trl.nullspace.projector import NullSpaceProjector, SubspaceFactor
@@ -144,6 +145,7 @@ def main() -> None:
     print(f"       with global TF32 on: leakage {leakage_on_range(update):.1e} (the projection forces IEEE fp32)")
     if args.skip_dense:
         print(f"storage ratio reference-code dense P / ours: {reference_bytes / stored:.1f}x")
+        save(args, device, len(layers), ours, None, reference_bytes / stored, stored, leak_ours)
         return
 
     dense_p = {group: factor.dense() for group, factor in projector.factors.items()}
@@ -168,6 +170,23 @@ def main() -> None:
     leak_dense_tf32 = leakage_on_range(update)
     print(f"       with global TF32 on: {dense_tf32 * 1e3:.1f} ms/step, leakage {leak_dense_tf32:.1e} (no guard)")
     print(f"ratio dense/ours: time {dense / ours:.2f}x (both IEEE fp32), storage {reference_bytes / stored:.1f}x")
+    save(args, device, len(layers), ours, dense, reference_bytes / stored, stored, leak_ours)
+
+
+def save(args, device, linears: int, ours: float, dense: float | None, storage: float, stored: int, leak: float):
+    """One row of ``results/projection_step.md``, keyed by shape, device and null fraction."""
+    num_layers = PRESETS[args.preset][2]
+    row = {
+        "shape": f"{args.preset} MLP, {args.layers or num_layers} layers ({linears} linears)",
+        "device": device_name(device.type),
+        "null fraction": f"{args.null_fraction:g}",
+        "ours ms/step": f"{ours * 1e3:.1f}",
+        "dense ms/step": "not run" if dense is None else f"{dense * 1e3:.1f}",
+        "time dense/ours": "" if dense is None else f"{dense / ours:.2f}×",
+        "storage dense/ours": f"{storage:.1f}× ({stored / 2**30:.2f} GiB ours)",
+        "leakage ours": f"{leak:.1e}",
+    }
+    print(f"recorded in {record('projection_step', row, key=('shape', 'device', 'null fraction'))}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 
 import psutil
 import torch
+from results_table import device_name, record
 
 
 def activations(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
@@ -132,6 +133,21 @@ def main() -> None:
         print(f"ratio reference/ours at n={n}: time {reference['seconds'] / ours['seconds']:.2f}x, "
               f"peak memory {reference['peak_bytes'] / max(ours['peak_bytes'], 1):.2f}x, "
               f"stored {reference['stored_bytes'] / max(ours['stored_bytes'], 1):.2f}x")  # fmt: skip
+    device = device_name(args.device)
+    for n, _, ours, reference in rows:
+        stored = ours["stored_bytes"] / 2**20, reference["stored_bytes"] / 2**20
+        row = {
+            "n": str(n),
+            "device": device,
+            "ours s": f"{ours['seconds']:.2f}",
+            "reference s": f"{reference['seconds']:.2f}",
+            "time reference/ours": f"{reference['seconds'] / ours['seconds']:.2f}×",
+            "ours extra peak": f"{ours['peak_bytes'] / 2**20:.1f} MiB",
+            "reference extra peak": f"{reference['peak_bytes'] / 2**20:.1f} MiB",
+            "stored ours / reference": f"{stored[0]:.1f} / {stored[1]:.1f} MiB",
+            "null dim": str(ours["null_dim"]),
+        }
+        print(f"recorded in {record('projector_build', row, key=('n', 'device'))}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Runs alternate (GRPO, NSPO, GRPO, NSPO, ...) so drift in machine load hits both alike. A callback
 times every step from ``on_step_begin`` to ``on_step_end`` (generation, reward, loss, backward,
 optimizer step and, for NSPO, the projection and its leakage logging); the first steps of each run
-are warm-up and dropped. Prints the median step time of each and the ratio NSPO/GRPO last.
+are warm-up and dropped. Prints the median step time of each and the ratio NSPO/GRPO last, and records
+them as one row of ``results/step_overhead.md`` (keyed by command and device).
 
     python benchmarks/step_overhead.py                                   # smoke-sized model, CPU, ~2 min
     python benchmarks/step_overhead.py --batch 8 --completion 16          # the smoke recipe's step size
@@ -21,6 +22,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from results_table import command, device_name, record
 from transformers import AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -83,14 +85,24 @@ def main() -> None:
             for kind in ("grpo", "nspo"):
                 out = f"{tmp}/{kind}{round_index}"
                 times[kind] += run(kind, model_dir, out, args, prompts, preservation, tokenizer)[args.warmup :]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    device = device_name("cuda" if torch.cuda.is_available() else "cpu")
     print(f"model hidden {args.hidden}, intermediate {args.intermediate}; {args.batch} completions of <= "
           f"{args.completion} tokens per step; {device}; torch {torch.__version__}")  # fmt: skip
     print(f"{args.rounds} interleaved rounds x {args.steps} steps, first {args.warmup} of each run dropped")
     medians = {kind: statistics.median(values) for kind, values in times.items()}
     for kind, values in times.items():
         print(f"{kind}: median {medians[kind] * 1e3:7.1f} ms/step over {len(values)} steps")
-    print(f"ratio NSPO/GRPO median step time: {medians['nspo'] / medians['grpo']:.3f}")
+    ratio = medians["nspo"] / medians["grpo"]
+    print(f"ratio NSPO/GRPO median step time: {ratio:.3f}")
+    row = {
+        "command": command(),
+        "device": device,
+        "step": f"{args.batch} completions ≤ {args.completion} tokens",
+        "GRPO ms/step": f"{medians['grpo'] * 1e3:.1f}",
+        "NSPO ms/step": f"{medians['nspo'] * 1e3:.1f}",
+        "NSPO/GRPO": f"**{ratio:.3f}**",
+    }
+    print(f"recorded in {record('step_overhead', row, key=('command', 'device'))}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+from results_table import record
 from transformers import TrainerCallback
 
 from nspo_trl.cli.arguments import parse
@@ -85,6 +86,14 @@ def main() -> None:
     for name, seconds in times.items():
         later = statistics.fmean(seconds[1:])
         print(f"| {name} | {seconds[0]:.1f} | {later:.1f} | {later / base:.2f} |")
+        row = {
+            "generation": name,
+            "first step s": f"{seconds[0]:.1f}",
+            "later steps s (mean)": f"{later:.1f}",
+            "later / transformers": f"{later / base:.2f}",
+        }
+        record("vllm_generation", row, key=("generation",))
+    print("recorded in results/vllm_generation.md")
 
 
 if __name__ == "__main__":

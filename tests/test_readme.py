@@ -283,6 +283,9 @@ def test_benchmark_tables_match_their_result_files():
     assert embedded
     for name, table in embedded:
         assert table == (REPO / "benchmarks" / name).read_text(), name
+    # and no table is written by hand: outside the markers there is none
+    outside = re.sub(r"<!-- (results/[\w/.-]+\.md) -->\n.*?<!-- /\1 -->", "", text, flags=re.S)
+    assert not re.findall(r"^\|---", outside, flags=re.M)
 
 
 def test_projector_commands(tmp_path, monkeypatch, capsys):
