@@ -57,6 +57,34 @@ def quiet_command_line() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def plain_output_when_piped(training_args=None, stream=None) -> bool:
+    """No progress bars when ``stream`` (default stderr) is not a terminal: a log file, a pipe, CI.
+
+    A bar redrawn with carriage returns is debris in a file, so transformers' (loading, saving and, through
+    ``training_args.disable_tqdm``, the trainer's: it then prints each log as one plain line), ``datasets``'
+    and ``huggingface_hub``'s are switched off there; nspo_trl's own bars pass ``disable=None`` to tqdm, which
+    makes the same check. Returns whether the output is plain.
+    """
+    stream = sys.stderr if stream is None else stream
+    if stream.isatty():
+        return False
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    if training_args is not None:
+        training_args.disable_tqdm = True
+    return True
+
+
+def progress_bar_disabled(progress: bool) -> bool | None:
+    """tqdm's ``disable``: off when ``progress`` is False, else on only at a terminal (tqdm's ``None``)."""
+    return None if progress else True
+
+
 # ----------------------------------------------------------------------
 # The dependency versions nspo_trl is tested with; anything else stops with a one-line error.
 

@@ -36,3 +36,21 @@ def test_the_smoke_run_prints_no_warning(tmp_path):
     output = result.stdout + result.stderr
     assert "Warning" not in output and "WARNING" not in output, output[-3000:]
     assert "NSPO projector:" in result.stderr  # the summary is logged, not lost with the warnings
+    assert "\r" not in output, "a progress bar redrawn in a file: " + output[output.index("\r") - 200 :][:400]
+
+
+def test_progress_bars_only_at_a_terminal():
+    import io
+    from types import SimpleNamespace
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    args = SimpleNamespace(disable_tqdm=False)
+    assert not nspo_trl.utils.plain_output_when_piped(args, stream=Terminal())
+    assert args.disable_tqdm is False
+    assert nspo_trl.utils.plain_output_when_piped(args, stream=io.StringIO())
+    assert args.disable_tqdm is True
+    assert nspo_trl.utils.progress_bar_disabled(False) is True
+    assert nspo_trl.utils.progress_bar_disabled(True) is None  # tqdm then checks for a terminal itself

@@ -21,7 +21,7 @@ from nspo_trl.cli.arguments import RecipeParser
 from nspo_trl.data.named_sets import load_named_dataset, seeded_subset
 from nspo_trl.eval.prompt_sets import OVERREFUSAL_SETS, SAFETY_SETS, load_prompt_set, parse_set_specs
 from nspo_trl.rewards import JudgeError
-from nspo_trl.utils import free_master_port, quiet_command_line
+from nspo_trl.utils import free_master_port, plain_output_when_piped, quiet_command_line
 
 logger = logging.getLogger("nspo_trl.eval")
 SUITES = ("safety", "overrefusal", "capability", "drift")
@@ -188,6 +188,7 @@ def _drift(args: EvalArguments) -> dict:
 def cli(argv: list[str] | None = None, prog: str = "python -m nspo_trl.eval") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_command_line()
+    plain_output_when_piped()
     free_master_port()
     try:
         parser = RecipeParser([EvalArguments], prog=prog)  # one-line errors, like nspo_trl.cli.train

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from nspo_trl.eval.judges import JUDGE_NAMES, pair_judge
 from nspo_trl.judge.rules import prompt_text
+from nspo_trl.utils import progress_bar_disabled
 
 
 class InputError(ValueError):
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None, prog: str = "nspo-trl judge") -> int:
     results: list[dict] = []
     try:
         for start in tqdm(range(0, len(prompts), args.batch_size), desc="judging", unit="batch",
-                          disable=len(prompts) <= args.batch_size):  # fmt: skip
+                          disable=progress_bar_disabled(len(prompts) > args.batch_size)):  # fmt: skip
             end = start + args.batch_size
             results += judge(prompts[start:end], responses[start:end], harmful[start:end])
     except Exception as err:  # a judge that fails prints nothing as if judged

@@ -51,7 +51,14 @@ from nspo_trl.rewards import (
 )
 from nspo_trl.trainer.nspo_config import NSPOConfig
 from nspo_trl.trainer.nspo_trainer import NSPOTrainer
-from nspo_trl.utils import cache_dir, check_versions, free_master_port, import_object, quiet_command_line
+from nspo_trl.utils import (
+    cache_dir,
+    check_versions,
+    free_master_port,
+    import_object,
+    plain_output_when_piped,
+    quiet_command_line,
+)
 
 logger = logging.getLogger("nspo_trl.train")
 
@@ -609,6 +616,7 @@ def cli(argv: list[str] | None = None, prog: str = "python -m nspo_trl.train") -
     try:
         check_versions(("trl", "transformers", "deepspeed"))
         script_args, training_args, model_args = parse(sys.argv[1:] if argv is None else argv, prog=prog)
+        plain_output_when_piped(training_args)
         if script_args.dry_run:
             dry_run(script_args, training_args, model_args)
         else:

@@ -61,7 +61,7 @@ def _generate_with_transformers(
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     device = next(model.parameters()).device
     responses = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=description):
+    for start in tqdm(range(0, len(texts), batch_size), desc=description, disable=None):
         batch = tokenizer(
             texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
         )

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from nspo_trl.data.preservation import iter_batches
 from nspo_trl.nullspace.targets import resolve_protected_layers
+from nspo_trl.utils import progress_bar_disabled
 
 
 @torch.no_grad()
@@ -72,7 +73,7 @@ def drift_report(
     try:
         batches = iter_batches(sequences, batch_size, pad_token_id)
         total = -(-len(sequences) // batch_size)
-        for batch in tqdm(batches, total=total, desc="drift", disable=not progress):
+        for batch in tqdm(batches, total=total, desc="drift", disable=progress_bar_disabled(progress)):
             mask = batch["attention_mask"].bool()
             mask_holder["mask"] = mask.to(reference_device)
             q = reference(**{k: v.to(reference_device) for k, v in batch.items()}).logits.double()

@@ -325,7 +325,7 @@ def train(output: Path, embedder=None) -> dict:
     whole = pyrit + failure_mode_examples(pyrit, harmful_texts, seed=SEED)
     pairs = whole + truncated_copies(whole, seed=SEED)
     # embed every text once, with a progress bar (every fit and the report reuse the cache)
-    for start in tqdm(range(0, len(pairs), 64), desc="embedding pairs", unit="batch"):
+    for start in tqdm(range(0, len(pairs), 64), desc="embedding pairs", unit="batch", disable=None):
         batch = pairs[start : start + 64]
         embed_pairs(embedder, [e.prompt for e in batch], [e.response for e in batch])
     embedder([e.prompt for e in prompts])

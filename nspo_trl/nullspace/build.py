@@ -36,6 +36,7 @@ from nspo_trl.nullspace.contrast import CONTRAST_RIDGE
 from nspo_trl.nullspace.projector import NullSpaceProjector, SubspaceFactor, tensor_digest
 from nspo_trl.nullspace.sharding import assign_owners, check_agreement, group_costs
 from nspo_trl.nullspace.targets import ProtectedLayer
+from nspo_trl.utils import progress_bar_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +309,8 @@ class ProjectorBuilder:
                     stats.covariances[group] += benign_stats.covariances.pop(group)
             # decompose on the owner at once, so a rank never holds more than one pass of covariances
             owned = list(stats.covariances)
-            for group in tqdm(owned, desc="NSPO eigendecompositions", disable=not self.is_main_process):
+            bar = progress_bar_disabled(self.is_main_process)
+            for group in tqdm(owned, desc="NSPO eigendecompositions", disable=bar):
                 covariance = stats.covariances.pop(group)
                 if settings.nspo_eigh_on_cpu:  # the float64 copy and LAPACK workspace in host RAM, not on the GPU
                     covariance = covariance.cpu()

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nspo_trl.nullspace.sharding import all_reduce_sum, is_distributed, rank_and_world
+from nspo_trl.utils import progress_bar_disabled
 
 
 class CovarianceCollector:
@@ -220,7 +221,7 @@ def run_collection(
     device = next(model.parameters()).device
     try:
         with torch.no_grad(), collector.hooks():
-            for batch in tqdm(batches, desc=description, disable=not progress, total=total):
+            for batch in tqdm(batches, desc=description, disable=progress_bar_disabled(progress), total=total):
                 input_ids = batch["input_ids"].to(device)
                 attention_mask = batch["attention_mask"].to(device)
                 # "collect_mask": the tokens to collect when they differ from those attended (padding batches)

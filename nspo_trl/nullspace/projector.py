@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from nspo_trl.nullspace.contrast import CONTRAST_RIDGE, contrast_basis_from_eigh, dim_within_budget, energy_curve
 from nspo_trl.nullspace.rule import NullSpaceRule
 from nspo_trl.nullspace.sharding import all_gather_objects, barrier, rank_and_world
+from nspo_trl.utils import progress_bar_disabled
 
 FORMAT_VERSION = 2
 METADATA_FILE = "projector.json"
@@ -210,7 +211,9 @@ class NullSpaceProjector:
 
         local = {
             group: SubspaceFactor.from_covariance(cov, rule)
-            for group, cov in tqdm(covariances.items(), desc="NSPO eigendecompositions", disable=not progress)
+            for group, cov in tqdm(
+                covariances.items(), desc="NSPO eigendecompositions", disable=progress_bar_disabled(progress)
+            )
         }
         return cls.from_local_factors(local, groups, rule, metadata, probes, owners)
 
