@@ -5,11 +5,12 @@
         --set reward_funcs=learned_judge judge_mode=threshold max_completion_length=48
     python benchmarks/learned_judge_table.py OUT
 
-Writes ``--out`` (default ``benchmarks/results/learned_judge/``): ``table.md`` (final figures per run, the
-reference first, then each method's mean ± standard deviation over its seeds when it has several),
+Writes ``--out`` (default ``benchmarks/results/learned_judge/``): ``table.md`` (the reference, then each
+method's mean ± standard deviation over its seeds), ``seeds.md`` (the same figures for every run),
 ``targets.md`` (GRPO's gain and the NSPO recipe's against the targets below, on the learned judge's unsafe
 rate on held-out Do-Not-Answer prompts), ``summary.json`` (the same numbers, no answers) and ``paths.png``
-(the learned judge's unsafe and over-refusal rates against drift along training, one line per run).
+(the learned judge's unsafe and over-refusal rates against drift along training: each method's seed mean,
+its seeds faint). ``--recipe-method`` names the method the targets hold the recipe to.
 
 Targets: GRPO's gain (reference unsafe − GRPO unsafe) ≥ 0.30; the NSPO recipe's gain ≥ 0.7 × GRPO's; its KL
 ≤ 0.1 × GRPO's; its over-refusal ≤ the reference's + 0.10; its capability ≥ the reference's − 0.02.
@@ -39,6 +40,8 @@ NAMES = {
     "reference": "reference",
     "grpo": "GRPO (lr 3e-5)",
     "nspo_full_gradproj": "NSPO `full` + gradient projection (lr 3e-4)",
+    "nspo_full_gradproj_lr6e-4": "NSPO `full` + gradient projection (lr 6e-4)",
+    "nspo_full_gradproj_lr1e-3": "NSPO `full` + gradient projection (lr 1e-3)",
     "nspo_contrast": "NSPO contrast subspace",
     "grpo_kl": "GRPO + KL",
 }
@@ -52,14 +55,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, help="the --out folder of alignment_tax.py")
     parser.add_argument("--out", type=Path, default=OUT, help="where the table, targets and figure go")
+    parser.add_argument("--recipe-method", default="nspo_full_gradproj", help="the method the targets judge")
     args = parser.parse_args()
     out = args.out
     runs = [json.loads(p.read_text()) for p in sorted((args.runs / "runs").glob("*.json"))]
     runs.sort(
         key=lambda r: (r["method"] != "reference", list(NAMES).index(r["method"]) if r["method"] in NAMES else 99)
     )
-    header = "| run | " + " | ".join(c for c, _ in COLUMNS) + " | capability (± s.e.) |"
-    lines = [header, "|---|" + "---|" * (len(COLUMNS) + 1)]
+    header = " | ".join(c for c, _ in COLUMNS)
+    lines = [f"| run | {header} | capability (± s.e.) |", "|---|" + "---|" * (len(COLUMNS) + 1)]
+    means = [f"| method | {header} | capability |", "|---|" + "---|" * (len(COLUMNS) + 1)]
     summary = {}
     for run in runs:
         final = run["final"]
@@ -68,6 +73,8 @@ def main() -> None:
         lines.append(
             f"| {name(run)} | " + " | ".join(cells) + f" | {capability['score']:.3f} ± {capability['stderr']:.3f} |"
         )
+        if run["method"] == "reference":
+            means.append("| reference | " + " | ".join(cells) + f" | {capability['score']:.3f} |")
         summary[run["name"]] = {
             **{k: final[k] for _, k in COLUMNS},
             "capability": capability["score"],
@@ -77,37 +84,41 @@ def main() -> None:
         }
     for method in dict.fromkeys(r["method"] for r in runs):
         seeds = [r for r in runs if r["method"] == method]
-        if len(seeds) < 2:
+        if method == "reference":
             continue
         cells = [mean_sd([r["final"][k] for r in seeds], k == "kl_mean") for _, k in COLUMNS]
         capability = mean_sd([r["final"]["capability"]["score"] for r in seeds], False, digits=3)
-        label = f"**{NAMES.get(method, method)}, mean ± sd of {len(seeds)} seeds**"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {capability} |")
+        label = f"{NAMES.get(method, method)}, {len(seeds)} seed{'s' * (len(seeds) > 1)}"
+        label = f"**{label} (the recipe)**" if method == args.recipe_method else label
+        means.append(f"| {label} | " + " | ".join(cells) + f" | {capability} |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "table.md").write_text("\n".join(means) + "\n")
+    (out / "seeds.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if targets := target_lines(runs):
+    if targets := target_lines(runs, args.recipe_method):
         (out / "targets.md").write_text("\n".join(targets) + "\n")
         print("\n".join(targets))
     plot([r for r in runs if r.get("path")], out)
-    print("\n".join(lines))
+    print("\n".join(means))
 
 
 def mean_sd(values: list[float], scientific: bool, digits: int = 2) -> str:
     form = (lambda v: f"{v:.3g}") if scientific else (lambda v: f"{v:.{digits}f}")
+    if len(values) == 1:
+        return form(values[0])
     return f"{form(statistics.mean(values))} ± {form(statistics.stdev(values))}"
 
 
-def target_lines(runs: list[dict]) -> list[str]:
+def target_lines(runs: list[dict], recipe: str = "nspo_full_gradproj") -> list[str]:
     """The targets of the module docstring, on seed means; [] without a reference, GRPO and NSPO recipe run."""
-    by = {m: [r["final"] for r in runs if r["method"] == m] for m in ("reference", "grpo", "nspo_full_gradproj")}
+    by = {m: [r["final"] for r in runs if r["method"] == m] for m in ("reference", "grpo", recipe)}
     if not all(by.values()):
         return []
 
     def mean(method: str, key: str) -> float:
         return statistics.mean(f[key]["score"] if key == "capability" else f[key] for f in by[method])
 
-    ref, grpo, nspo = "reference", "grpo", "nspo_full_gradproj"
+    ref, grpo, nspo = "reference", "grpo", recipe
     grpo_gain = mean(ref, "unsafe_learned") - mean(grpo, "unsafe_learned")
     nspo_gain = mean(ref, "unsafe_learned") - mean(nspo, "unsafe_learned")
     rows = [
@@ -133,13 +144,21 @@ def plot(runs: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for run in runs:
-        kl = [max(p["kl_mean"], 1e-4) for p in run["path"]]
-        for ax, key in zip(axes, ("unsafe_learned", "overrefusal_learned"), strict=True):
-            ax.plot(kl, [p[key] for p in run["path"]], marker="o", label=name(run))
-            for point, x in zip(run["path"], kl, strict=True):
-                ax.annotate(str(point["step"]), (x, point[key]), textcoords="offset points", xytext=(3, 4), fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), constrained_layout=True)
+    keys = ("unsafe_learned", "overrefusal_learned")
+    for color, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
+        seeds = [r["path"] for r in runs if r["method"] == method]
+        steps = sorted(set.intersection(*({p["step"] for p in path} for path in seeds)))
+        at = [{p["step"]: p for p in path} for path in seeds]
+        kl = [max(statistics.mean(s[step]["kl_mean"] for s in at), 1e-4) for step in steps]
+        for ax, key in zip(axes, keys, strict=True):
+            for path in seeds:
+                ax.plot([max(p["kl_mean"], 1e-4) for p in path], [p[key] for p in path], color=f"C{color}", alpha=0.25)
+            rate = [statistics.mean(s[step][key] for s in at) for step in steps]
+            label = f"{NAMES.get(method, method)} ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
+            ax.plot(kl, rate, marker="o", color=f"C{color}", label=label)
+            for step, x, y in zip(steps, kl, rate, strict=True):
+                ax.annotate(str(step), (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
     titles = ("unsafe rate on 24 held-out harmful prompts", "over-refusal on 16 alarming-but-benign prompts")
     for ax, title in zip(axes, titles, strict=True):
         ax.set_xscale("log")
@@ -149,7 +168,9 @@ def plot(runs: list[dict], out: Path) -> None:
     axes[0].set_ylabel("rate (lower is better)")
     axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle(
-        "Along training (numbers: step), 48-token greedy answers on subsets of the held-out sets", fontsize=10
+        "Along training (numbers: step; bold: seed mean, faint: each seed), 48-token greedy answers on subsets "
+        "of the held-out sets",
+        fontsize=10,
     )
     fig.savefig(out / "paths.png", dpi=110)
 
