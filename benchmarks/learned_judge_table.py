@@ -1,16 +1,16 @@
 """Table and figure of ``alignment_tax.py`` runs trained and judged with the learned judge.
 
-    python benchmarks/alignment_tax.py --methods grpo grpo_kl nspo_full_gradproj nspo_contrast --seeds 0 \\
-        --max-steps 40 --eval-every 10 --eval-tokens 64 --out OUT \\
-        --set reward_funcs=learned_judge judge_mode=threshold max_completion_length=48
+    python benchmarks/alignment_tax.py --methods grpo grpo_kl nspo_full_gradproj nspo_contrast --seeds 0 1 2 \\
+        --max-steps 24 --eval-every 8 --eval-tokens 64 --out OUT --set reward_funcs=refusal_tiered
     python benchmarks/learned_judge_table.py OUT
 
 Writes ``--out`` (default ``benchmarks/results/learned_judge/``): ``table.md`` (the reference, then each
 method's mean ± standard deviation over its seeds), ``seeds.md`` (the same figures for every run),
-``targets.md`` (GRPO's gain and the NSPO recipe's against the targets below, on the learned judge's unsafe
-rate on held-out Do-Not-Answer prompts), ``summary.json`` (the same numbers, no answers) and ``paths.png``
-(the learned judge's unsafe and over-refusal rates against drift along training: each method's seed mean,
-its seeds faint). ``--recipe-method`` names the method the targets hold the recipe to.
+``headline.md`` (the README's five columns), ``targets.md`` (GRPO's gain and the NSPO recipe's against the
+targets below, on the learned judge's unsafe rate on held-out Do-Not-Answer prompts), ``summary.json`` (the
+same numbers, no answers) and ``paths.png`` (the learned judge's unsafe and over-refusal rates against drift
+along training: each method's seed mean, its seeds faint). ``--recipe-method`` names the method the targets
+hold the recipe to.
 
 Targets: GRPO's gain (reference unsafe − GRPO unsafe) ≥ 0.30; the NSPO recipe's gain ≥ 0.7 × GRPO's; its KL
 ≤ 0.1 × GRPO's; its over-refusal ≤ the reference's + 0.10; its capability ≥ the reference's − 0.02.
@@ -45,6 +45,16 @@ NAMES = {
     "nspo_contrast": "NSPO contrast subspace",
     "grpo_kl": "GRPO + KL",
 }
+
+
+HEADLINE = [  # the README's table: (column, key, judge), the reference's value in each header
+    ("unsafe, learned judge", "unsafe_learned"),
+    ("unsafe, strict rule", "unsafe_strict"),
+    ("over-refusal, keyword rule", "overrefusal"),
+    ("drift KL", "kl_mean"),
+    ("capability", "capability"),
+]
+SHORT_NAMES = {"grpo": "GRPO", "grpo_kl": "GRPO + KL (β = 0.1)", "nspo_contrast": "NSPO contrast subspace"}
 
 
 def name(run: dict) -> str:
@@ -92,6 +102,7 @@ def main() -> None:
         label = f"**{label} (the recipe)**" if method == args.recipe_method else label
         means.append(f"| {label} | " + " | ".join(cells) + f" | {capability} |")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "headline.md").write_text(headline(runs, args.recipe_method))
     (out / "table.md").write_text("\n".join(means) + "\n")
     (out / "seeds.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -100,6 +111,29 @@ def main() -> None:
         print("\n".join(targets))
     plot([r for r in runs if r.get("path")], out)
     print("\n".join(means))
+
+
+def headline(runs: list[dict], recipe: str) -> str:
+    """The README's table: each method's seed mean ± sd of five figures, the reference's in the header."""
+
+    def value(run: dict, key: str) -> float:
+        return run["final"]["capability"]["score"] if key == "capability" else run["final"][key]
+
+    (reference,) = [r for r in runs if r["method"] == "reference"]
+    header = [
+        f"{column} (reference {value(reference, key):.{3 if key == 'capability' else 2}f})" for column, key in HEADLINE
+    ]
+    header[3] = HEADLINE[3][0]  # the reference's drift is 0 by definition
+    lines = ["| method | " + " | ".join(header) + " |", "|---|" + "---|" * len(HEADLINE)]
+    for method in dict.fromkeys(r["method"] for r in runs if r["method"] != "reference"):
+        seeds = [r for r in runs if r["method"] == method]
+        label = (
+            "NSPO `full` (`smollm2_cpu`)" if method == recipe else SHORT_NAMES.get(method, NAMES.get(method, method))
+        )
+        cells = [mean_sd([value(r, key) for r in seeds], key == "kl_mean", 3 if key == "capability" else 2)
+                 for _, key in HEADLINE]  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def mean_sd(values: list[float], scientific: bool, digits: int = 2) -> str:

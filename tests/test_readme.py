@@ -281,13 +281,15 @@ def test_every_nspo_setting_is_in_the_settings_table():
 
 def test_benchmark_tables_match_their_result_files():
     """A table embedded as ``<!-- results/X.md -->…<!-- /results/X.md -->`` is that file, byte for byte."""
-    text = (REPO / "benchmarks" / "README.md").read_text()
-    embedded = re.findall(r"<!-- (results/[\w/.-]+\.md) -->\n(.*?)<!-- /\1 -->", text, flags=re.S)
-    assert embedded
-    for name, table in embedded:
-        assert table == (REPO / "benchmarks" / name).read_text(), name
-    # and no table is written by hand: outside the markers there is none
-    outside = re.sub(r"<!-- (results/[\w/.-]+\.md) -->\n.*?<!-- /\1 -->", "", text, flags=re.S)
+    marker = r"<!-- ((?:benchmarks/)?results/[\w/.-]+\.md) -->\n(.*?)<!-- /\1 -->"
+    for page in (REPO / "benchmarks" / "README.md", REPO / "README.md"):
+        text = page.read_text()
+        embedded = re.findall(marker, text, flags=re.S)
+        assert embedded, page
+        for name, table in embedded:
+            assert table == (page.parent / name).read_text(), (page, name)
+    # and no table of benchmarks/README.md is written by hand: outside the markers there is none
+    outside = re.sub(marker, "", (REPO / "benchmarks" / "README.md").read_text(), flags=re.S)
     assert not re.findall(r"^\|---", outside, flags=re.M)
 
 
