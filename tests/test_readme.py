@@ -51,8 +51,8 @@ HANDLED = {
     ("python", "class MyTrainer"), ("bash", "nspo-trl recipes"), ("bash", "nspo-trl train smollm2_cpu"),
     ("", "plan for Qwen/Qwen2.5-7B-Instruct"), ("bash", "vllm serve"), ("python", "reward = LlamaGuardReward("),
     ("bash", "nspo-trl eval"), ("", "mutants killed"), ("bibtex", "@inproceedings"), ("bash", ".venv-vllm"),
-    ("bash", "accelerate launch --config_file"), ("bash", "smollm2_cpu --dry-run"), ("bash", "nspo_trl[judge]"),
-    ("bash", "nspo-trl projector build"),
+    ("bash", "accelerate launch --config_file"), ("", "held-out harmful refused"), ("bash", "nspo_trl[judge]"),
+    ("bash", "nspo-trl projector build"), ("bash", "--dry-run first prints"),
 }  # fmt: skip
 
 
@@ -182,6 +182,26 @@ def test_shell_commands(monkeypatch, capsys):
         assert cli.main(args) == 0, (argv, capsys.readouterr().err[-500:])
         ran += 1
     assert ran >= 8 and len(launched) == 1 and launched[0].training_script_args == ["qwen7b"]
+
+
+def test_real_model_output_is_what_the_summary_prints():
+    """The README's SmolLM2 lines are the summary's own held-out lines for those figures."""
+    from nspo_trl.cli.train import summary_lines
+
+    (shown,) = blocks("", "held-out harmful refused")
+    figures = [float(x) for x in re.findall(r"\d+\.\d+(?:e[-+]\d+)?", shown)]
+    held = dict(zip(
+        ["heldout_refusal_before", "heldout_refusal_after", "heldout_declined_before", "heldout_declined_after",
+         "general_kl_mean", "learned_unsafe_before", "learned_unsafe_after", "learned_overrefusal_before",
+         "learned_overrefusal_after", "capability_before", "capability_after"],
+        figures, strict=True,
+    ))  # fmt: skip
+    summary = {"steps": 24, "wall_time_s": 1.0, "reward_first": -0.5, "reward_last": -0.3,
+               "leakage": {"fit": 3e-3}, "projector_layers": {}, "heldout": held}  # fmt: skip
+    printed = summary_lines(summary)
+    lines = shown.splitlines()
+    start = printed.index(lines[0])
+    assert printed[start : start + len(lines)] == lines
 
 
 def test_eval_command_parses():
