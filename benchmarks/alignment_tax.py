@@ -75,8 +75,7 @@ METHODS: dict[str, list[str]] = {
     "nspo_full": ["--nspo_project_gradients", "false"],
     "nspo_mlp_gradproj": ["--nspo_target_modules", "mlp", "--learning_rate", "3e-5"],
     "nspo_full_gradproj": [],
-    "nspo_full_gradproj_lr6e-4": ["--learning_rate", "6e-4"],  # the recipe at twice and at 3.3x its step
-    "nspo_full_gradproj_lr1e-3": ["--learning_rate", "1e-3"],
+    "nspo_full_gradproj_lr6e-4": ["--learning_rate", "6e-4"],  # the recipe at twice its step
     # the optimizer comparison: AdamW in null-space coordinates; SGD + momentum on projected gradients
     "nspo_full_null_adamw": ["--nspo_null_space_adamw", "true"],
     "nspo_full_sgd": ["--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "1.0"],
@@ -101,7 +100,6 @@ LABELS = {
     "nspo_mlp_gradproj": "NSPO, MLP + gradient projection (lr 3e-5)",
     "nspo_full_gradproj": "NSPO, full + gradient projection (lr 3e-4): the recipe",
     "nspo_full_gradproj_lr6e-4": "NSPO, full + gradient projection (lr 6e-4)",
-    "nspo_full_gradproj_lr1e-3": "NSPO, full + gradient projection (lr 1e-3)",
     "nspo_full_null_adamw": "NSPO, full, AdamW in null-space coordinates (lr 3e-4)",
     "nspo_full_sgd": "NSPO, full + gradient projection, SGD momentum 0.9 (lr 1)",
     "nspo_contrast": "NSPO, contrast subspace (budget 3e-4, benign protected)",

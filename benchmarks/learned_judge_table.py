@@ -43,7 +43,6 @@ NAMES = {
     "nspo_full_gradproj": "NSPO `full` + gradient projection (lr 3e-4)",
     "nspo_contrast": "NSPO contrast subspace",
     "nspo_full_gradproj_lr6e-4": "NSPO `full` + gradient projection (lr 6e-4)",
-    "nspo_full_gradproj_lr1e-3": "NSPO `full` + gradient projection (lr 1e-3)",
 }
 
 
