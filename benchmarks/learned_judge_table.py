@@ -56,6 +56,11 @@ HEADLINE = [  # the README's table: (column, key, judge), the reference's value 
 SHORT_NAMES = {"grpo": "GRPO", "grpo_kl": "GRPO + KL (β = 0.1)", "nspo_contrast": "NSPO contrast subspace"}
 
 
+def figure(final: dict, key: str) -> float:
+    """One final figure of a run; the capability score sits beside its standard error."""
+    return final["capability"]["score"] if key == "capability" else final[key]
+
+
 def name(run: dict) -> str:
     return NAMES.get(run["method"], run["method"]) + ("" if run["method"] == "reference" else f", seed {run['seed']}")
 
@@ -91,12 +96,10 @@ def main() -> None:
             "steps": run.get("steps"),
             "overrides": run.get("overrides"),
         }
-    for method in dict.fromkeys(r["method"] for r in runs):
+    for method in dict.fromkeys(r["method"] for r in runs if r["method"] != "reference"):
         seeds = [r for r in runs if r["method"] == method]
-        if method == "reference":
-            continue
         cells = [mean_sd([r["final"][k] for r in seeds], k == "kl_mean") for _, k in COLUMNS]
-        capability = mean_sd([r["final"]["capability"]["score"] for r in seeds], False, digits=3)
+        capability = mean_sd([figure(r["final"], "capability") for r in seeds], False, digits=3)
         label = f"{NAMES.get(method, method)}, {len(seeds)} seed{'s' * (len(seeds) > 1)}"
         label = f"**{label} (the recipe)**" if method == args.recipe_method else label
         means.append(f"| {label} | " + " | ".join(cells) + f" | {capability} |")
@@ -114,20 +117,17 @@ def main() -> None:
 
 def headline(runs: list[dict], recipe: str) -> str:
     """The README's table: each method's seed mean ± sd of five figures, the reference's in the header."""
-
-    def value(run: dict, key: str) -> float:
-        return run["final"]["capability"]["score"] if key == "capability" else run["final"][key]
-
     (reference,) = [r for r in runs if r["method"] == "reference"]
     digits = {key: 3 if key == "capability" else 2 for _, key in HEADLINE}
-    header = [f"{column} (reference {value(reference, key):.{digits[key]}f})" for column, key in HEADLINE]
+    header = [f"{column} (reference {figure(reference['final'], key):.{digits[key]}f})" for column, key in HEADLINE]
     header[3] = HEADLINE[3][0]  # the reference's drift is 0 by definition
     lines = ["| method | " + " | ".join(header) + " |", "|---|" + "---|" * len(HEADLINE)]
     shown = (*SHORT_NAMES, recipe)  # the methods the README compares; other variants stay in table.md
     for method in dict.fromkeys(r["method"] for r in runs if r["method"] in shown):
         seeds = [r for r in runs if r["method"] == method]
         label = "NSPO `full` (`smollm2_cpu`)" if method == recipe else SHORT_NAMES[method]
-        cells = [mean_sd([value(r, key) for r in seeds], key == "kl_mean", digits[key]) for _, key in HEADLINE]
+        finals = [r["final"] for r in seeds]
+        cells = [mean_sd([figure(f, key) for f in finals], key == "kl_mean", digits[key]) for _, key in HEADLINE]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -146,7 +146,7 @@ def target_lines(runs: list[dict], recipe: str = "nspo_full_gradproj") -> list[s
         return []
 
     def mean(method: str, key: str) -> float:
-        return statistics.mean(f[key]["score"] if key == "capability" else f[key] for f in by[method])
+        return statistics.mean(figure(f, key) for f in by[method])
 
     ref, grpo, nspo = "reference", "grpo", recipe
     grpo_gain = mean(ref, "unsafe_learned") - mean(grpo, "unsafe_learned")
