@@ -154,21 +154,10 @@ def main() -> None:
           f"({params / 1e6:.0f} M params), MLP targets, {args.processes} processes, ZeRO-3 on CPU, "
           "float64 C")  # fmt: skip
     print(f"covariances of every group: {every_group / 2**20:.0f} MiB; one down_proj: {down / 2**20:.0f} MiB")
-    print("| build | nspo_build_memory_gb | rank | covariance peak (measured) | resident peak above start | build s |")
-    print("|---|---|---|---|---|---|")
-    for name, result in results.items():
-        for rank, r in enumerate(result["ranks"]):
-            print(f"| {name} | {variants[name]:.3g} | {rank} | {r['covariance_peak'] / 2**20:.0f} MiB | "
-                  f"{r['rss_peak'] / 2**20:.0f} MiB | {r['seconds']:.1f} |")  # fmt: skip
-    worst = {name: max(r["covariance_peak"] for r in result["ranks"]) for name, result in results.items()}
-    rss = {name: max(r["rss_peak"] for r in result["ranks"]) for name, result in results.items()}
-    print(f"ratio before/after, most loaded rank: covariances {worst['before'] / worst['after']:.2f}x, "
-          f"resident {rss['before'] / rss['after']:.2f}x; the old whole-model gather (not measured, code gone) "
-          f"added {params * 4 / 2**20:.0f} MiB per rank here, "
-          f"{7.6e9 * 2 / 2**30:.1f} GiB for Qwen2.5-7B in bf16")  # fmt: skip
     for name, result in results.items():
         for rank, r in enumerate(result["ranks"]):
             row = {
+                "model": f"{args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}",
                 "build": name,
                 "nspo_build_memory_gb": f"{variants[name]:.3g}",
                 "rank": str(rank),
@@ -176,8 +165,15 @@ def main() -> None:
                 "resident peak above start": f"{r['rss_peak'] / 2**20:.0f} MiB",
                 "build s": f"{r['seconds']:.1f}",
             }
-            record("build_memory", row, key=("build", "rank"))
-    print("recorded in results/build_memory.md")
+            table = record("build_memory", row, key=("model", "build", "rank"))
+    print(table.read_text(), end="")
+    print(f"recorded in {table}")
+    worst = {name: max(r["covariance_peak"] for r in result["ranks"]) for name, result in results.items()}
+    rss = {name: max(r["rss_peak"] for r in result["ranks"]) for name, result in results.items()}
+    print(f"ratio before/after, most loaded rank: covariances {worst['before'] / worst['after']:.2f}x, "
+          f"resident {rss['before'] / rss['after']:.2f}x; the old whole-model gather (not measured, code gone) "
+          f"added {params * 4 / 2**20:.0f} MiB per rank here, "
+          f"{7.6e9 * 2 / 2**30:.1f} GiB for Qwen2.5-7B in bf16")  # fmt: skip
 
 
 if __name__ == "__main__":

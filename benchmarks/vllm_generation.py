@@ -80,20 +80,18 @@ def main() -> None:
             times[name] = timed_run(args.recipe, use_vllm, args.steps, projector, Path(tmp) / name.split()[0])
     print(f"\nvllm {vllm.__version__}, {args.recipe.name}, {args.steps} steps each, OMP threads "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}")  # fmt: skip
-    print("| generation | first step s | later steps s (mean) | later / transformers |")
-    print("|---|---|---|---|")
     base = statistics.fmean(times["transformers"][1:])
     for name, seconds in times.items():
         later = statistics.fmean(seconds[1:])
-        print(f"| {name} | {seconds[0]:.1f} | {later:.1f} | {later / base:.2f} |")
         row = {
             "generation": name,
             "first step s": f"{seconds[0]:.1f}",
             "later steps s (mean)": f"{later:.1f}",
             "later / transformers": f"{later / base:.2f}",
         }
-        record("vllm_generation", row, key=("generation",))
-    print("recorded in results/vllm_generation.md")
+        table = record("vllm_generation", row, key=("generation",))
+    print(table.read_text(), end="")
+    print(f"recorded in {table}")
 
 
 if __name__ == "__main__":
